@@ -1,0 +1,147 @@
+"""Build a Megatron-Core GPTModel (one chunk per virtual pipeline stage) from a small architecture record.
+
+The record holds what a Llama-family decoder needs; the checkpoint converters store it next to the
+weights so that training and conversion back never re-type architecture flags.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+from dataclasses import dataclass
+from typing import Literal, Optional
+
+import torch
+import torch.nn.functional as F
+
+from wit_megatron.runtime.parallel import ParallelLayout
+
+LayerSpec = Literal["auto", "te", "local"]
+
+
+@dataclass(frozen=True)
+class GPTArch:
+    """A Llama-family decoder: RMSNorm, SwiGLU MLP, RoPE, grouped-query attention."""
+
+    vocab_size: int
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    num_query_groups: int
+    ffn_hidden_size: int
+    max_position_embeddings: int
+    rotary_base: float = 10000.0
+    norm_epsilon: float = 1e-5
+    tie_embeddings: bool = False
+    add_qkv_bias: bool = False
+    qk_layernorm: bool = False
+    kv_channels: Optional[int] = None  # head dim, if not hidden_size / num_attention_heads
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "GPTArch":
+        return cls(**d)
+
+
+def check_layout(arch: GPTArch, layout: ParallelLayout) -> None:
+    """Refuse a layout the model cannot be split into, naming the sizes that would work."""
+
+    def divisors(n: int) -> list[int]:
+        return [d for d in range(1, n + 1) if n % d == 0]
+
+    valid_tp = [d for d in divisors(arch.num_attention_heads) if arch.num_query_groups % d == 0]
+    if layout.tp not in valid_tp:
+        raise ValueError(
+            f"tensor-parallel size {layout.tp} does not divide the {arch.num_attention_heads} attention "
+            f"heads and {arch.num_query_groups} KV heads; valid sizes: {valid_tp}"
+        )
+    stages = layout.pp * (layout.vpp or 1)
+    if arch.num_layers % stages:
+        raise ValueError(
+            f"{arch.num_layers} layers cannot be split into pp*vpp = {stages} stages; "
+            f"valid pp*vpp: {divisors(arch.num_layers)}"
+        )
+
+
+def transformer_engine_available() -> bool:
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
+def transformer_config(arch: GPTArch, layout: ParallelLayout, dtype: torch.dtype = torch.float32, **overrides):
+    """The TransformerConfig for `arch` at `layout`, set up for WIT's per-token loss normalization."""
+    from megatron.core.transformer import TransformerConfig
+
+    fields = dict(
+        num_layers=arch.num_layers,
+        hidden_size=arch.hidden_size,
+        num_attention_heads=arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups,
+        ffn_hidden_size=arch.ffn_hidden_size,
+        kv_channels=arch.kv_channels,
+        layernorm_epsilon=arch.norm_epsilon,
+        add_qkv_bias=arch.add_qkv_bias,
+        qk_layernorm=arch.qk_layernorm,
+        normalization="RMSNorm",
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype == torch.bfloat16,
+        fp16=dtype == torch.float16,
+        calculate_per_token_loss=True,  # WIT: Σ w·NLL / N over the global batch
+        use_cpu_initialization=not torch.cuda.is_available(),
+        persist_layer_norm=False,
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+    )
+    fields.update(overrides)
+    return TransformerConfig(**fields)
+
+
+def layer_spec(arch: GPTArch, kind: LayerSpec = "auto"):
+    """Transformer Engine's layer spec on GPUs with TE installed, the local (torch) spec otherwise."""
+    from megatron.core.models.gpt import gpt_layer_specs as specs
+
+    if kind == "auto":
+        kind = "te" if transformer_engine_available() else "local"
+    if kind == "te":
+        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+
+
+def build_model(arch: GPTArch, config, spec=None) -> list[torch.nn.Module]:
+    """GPTModel chunks for this rank (one per virtual pipeline stage). Process groups must exist."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.models.gpt import GPTModel
+
+    spec = spec if spec is not None else layer_spec(arch)
+    vpp = config.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = vp_stage if vpp else None
+        chunks.append(
+            GPTModel(
+                config=config,
+                transformer_layer_spec=spec,
+                vocab_size=arch.vocab_size,
+                max_sequence_length=arch.max_position_embeddings,
+                pre_process=ps.is_pipeline_first_stage(ignore_virtual=stage is None, vp_stage=stage),
+                post_process=ps.is_pipeline_last_stage(ignore_virtual=stage is None, vp_stage=stage),
+                share_embeddings_and_output_weights=arch.tie_embeddings,
+                position_embedding_type="rope",
+                rotary_base=int(arch.rotary_base) if float(arch.rotary_base).is_integer() else arch.rotary_base,
+                vp_stage=stage,
+            )
+        )
+    return chunks

@@ -1,0 +1,1 @@
+"""Process start-up: the CPU layer, parallel layouts and megatron-core version differences."""

@@ -1,0 +1,69 @@
+"""Process groups and seeds for one parallel layout (tensor, pipeline, virtual pipeline, context, data)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Optional
+
+import torch
+
+from wit_megatron.runtime import cpu
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Model-parallel sizes. Data parallelism takes the rest of the world size."""
+
+    tp: int = 1
+    pp: int = 1
+    vpp: Optional[int] = None  # model chunks per pipeline rank (interleaved schedule); None = off
+    cp: int = 1
+
+    def data_parallel_size(self, world_size: int) -> int:
+        model_parallel = self.tp * self.pp * self.cp
+        if world_size % model_parallel:
+            raise ValueError(
+                f"world size {world_size} is not divisible by tp*pp*cp = "
+                f"{self.tp}*{self.pp}*{self.cp} = {model_parallel}"
+            )
+        return world_size // model_parallel
+
+    def __str__(self) -> str:
+        s = f"tp{self.tp}pp{self.pp}"
+        if self.vpp:
+            s += f"vpp{self.vpp}"
+        if self.cp > 1:
+            s += f"cp{self.cp}"
+        return s
+
+
+def init_distributed(timeout_s: int = 300) -> None:
+    """Start torch.distributed from the torchrun environment: NCCL on GPUs, gloo (with the CPU layer) otherwise."""
+    if torch.distributed.is_initialized():
+        return
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        backend = "nccl"
+    else:
+        cpu.enable()
+        backend = "gloo"
+    torch.distributed.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
+
+
+def init_model_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
+    """(Re)build Megatron's process groups for `layout` and seed every RNG like Megatron-LM does."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    layout.data_parallel_size(torch.distributed.get_world_size())  # validates divisibility
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=layout.tp,
+        pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp,
+        context_parallel_size=layout.cp,
+    )
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed)

@@ -1,0 +1,1 @@
+"""Helpers for tests and benchmarks that need several ranks on one CPU machine."""

@@ -1,0 +1,53 @@
+"""Synthetic instruction batches with known roles, for tests, the CPU demo and benchmarks."""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+
+from wit_megatron.roles import Role, RoleWeights
+
+
+def synthetic_batch(
+    num_seqs: int,
+    seq_len: int,
+    vocab_size: int,
+    weights: RoleWeights,
+    seed: int = 0,
+    prompt_only: Sequence[int] = (),
+) -> dict[str, torch.Tensor]:
+    """A global batch of `num_seqs` padded sequences [num_seqs, seq_len] of random tokens.
+
+    Sequence i has a random prompt, then a random response, then padding, so token counts differ a
+    lot between sequences. Sequences listed in `prompt_only` have no response tokens.
+    Targets are shifted like Megatron's: target t is token t+1 and carries that token's role's λ.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, vocab_size, (num_seqs, seq_len + 1), generator=gen)
+    roles = torch.full((num_seqs, seq_len + 1), int(Role.PROMPT), dtype=torch.uint8)
+    valid = torch.zeros(num_seqs, seq_len + 1, dtype=torch.bool)
+    for i in range(num_seqs):
+        length = int(torch.randint(3, seq_len + 2, (1,), generator=gen))
+        prompt_len = int(torch.randint(1, length - 1, (1,), generator=gen))
+        valid[i, :length] = True
+        if i not in prompt_only:
+            roles[i, prompt_len:length] = int(Role.RESPONSE)
+        ids[i, length:] = 0  # padding id
+    target_valid = valid[:, 1:]
+    target_roles = roles[:, 1:]
+    loss_weights = weights.table()[target_roles.long()] * target_valid
+    return {
+        "tokens": ids[:, :-1].contiguous(),
+        "labels": ids[:, 1:].contiguous(),
+        "position_ids": torch.arange(seq_len).expand(num_seqs, seq_len).contiguous(),
+        "loss_mask": target_valid.float(),
+        "loss_weights": loss_weights.float(),
+        "response_mask": (target_roles == int(Role.RESPONSE)) & target_valid,
+    }
+
+
+def micro_batches(batch: dict[str, torch.Tensor], start: int, stop: int, micro_batch_size: int) -> Iterator[dict]:
+    """Micro-batches of rows [start, stop) of a global batch (one data-parallel rank's share)."""
+    for i in range(start, stop, micro_batch_size):
+        yield {k: v[i : i + micro_batch_size] for k, v in batch.items()}

@@ -1,0 +1,77 @@
+"""The WIT training step over megatron-core parts: forward_step, DDP wrapping, one global-batch step."""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from wit_megatron.batch import get_batch
+from wit_megatron.loss import reduce_reports, wit_loss
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
+
+
+def forward_step(data_iterator: Optional[Iterator[dict]], model: torch.nn.Module):
+    """Megatron-Core `forward_step_func`: one micro-batch through one model chunk, WIT loss on the last stage."""
+    batch = get_batch(data_iterator, vp_stage=unwrap(model).vp_stage)
+    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+    return output, partial(_loss_func, batch)
+
+
+def _loss_func(batch: dict, per_token_nll: torch.Tensor):
+    return wit_loss(per_token_nll, batch["loss_weights"], batch["loss_mask"], batch["response_mask"], check=False)
+
+
+def wrap_ddp(chunks: Sequence[torch.nn.Module], config) -> list[torch.nn.Module]:
+    """Megatron-Core DDP around each chunk, and the config hooks the schedules call.
+
+    `finalize_model_grads` all-reduces gradients (summed: calculate_per_token_loss) and then divides
+    them by the global count N of non-zero-weight targets.
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False)
+    wrapped = [
+        DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+        for i, chunk in enumerate(chunks)
+    ]
+    config.finalize_model_grads_func = finalize_model_grads
+    config.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    return wrapped
+
+
+def forward_backward(
+    model: Sequence[torch.nn.Module],
+    data_iterators: Sequence[Optional[Iterator[dict]]],
+    num_microbatches: int,
+    micro_batch_size: int,
+    seq_length: int,
+    forward_only: bool = False,
+) -> dict[str, float]:
+    """One global batch through Megatron's schedule. Gradients land in each param's `main_grad`,
+    already divided by the global N. Returns the reduced report (see `reduce_reports`), identical on
+    every rank of the last pipeline stage; {} elsewhere."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    for chunk in model:
+        chunk.zero_grad_buffer()
+    reports = get_forward_backward_func()(
+        forward_step_func=forward_step,
+        data_iterator=list(data_iterators) if len(model) > 1 else data_iterators[0],
+        model=list(model) if len(model) > 1 else model[0],
+        num_microbatches=num_microbatches,
+        seq_length=seq_length,
+        micro_batch_size=micro_batch_size,
+        forward_only=forward_only,
+    )
+    if not ps.is_pipeline_last_stage(ignore_virtual=True):
+        return {}
+    return reduce_reports(reports, group=ps.get_data_parallel_group(with_context_parallel=True))
