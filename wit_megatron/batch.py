@@ -5,7 +5,7 @@ it broadcasts to its TP group. Each pipeline stage receives only what it uses:
 
     first stage:  tokens, position_ids
     last stage:   labels, loss_mask, loss_weights (float32), response_mask
-    every stage:  attention_mask (block-diagonal masks for packed sequences run through every layer)
+    every stage:  document_ids (packed sequences: every attention layer needs the record boundaries)
 
 Shapes travel in a small fixed header, so micro-batches may change shape (packed sequences).
 After the broadcast, context-parallel ranks keep their load-balanced slice of every sequence
@@ -23,7 +23,7 @@ from wit_megatron.runtime import compat
 
 FIRST_STAGE_KEYS = ("tokens", "position_ids")
 LAST_STAGE_KEYS = ("labels", "loss_mask", "loss_weights", "response_mask")
-EVERY_STAGE_KEYS = ("attention_mask",)
+EVERY_STAGE_KEYS = ("document_ids",)
 BATCH_KEYS = FIRST_STAGE_KEYS + LAST_STAGE_KEYS + EVERY_STAGE_KEYS
 
 # dtypes a batch tensor may have; the header carries the index. No key is ever re-typed in transit.
@@ -69,8 +69,9 @@ def get_batch(
     """Read, broadcast and CP-slice one micro-batch for this rank's stage.
 
     Args:
-        data_iterator: yields dicts of CPU (or device) tensors keyed by BATCH_KEYS, each [b, s]
-            (`attention_mask` [b, 1, s, s], True = masked out). Needed on TP rank 0 only.
+        data_iterator: yields dicts of CPU (or device) tensors keyed by BATCH_KEYS, each [b, s].
+            `document_ids` (packed sequences; optional) numbers the records inside each sequence,
+            -1 on padding. Needed on TP rank 0 only.
         vp_stage: the model chunk (virtual pipeline stage) the batch is for, or None without VPP.
 
     Returns a dict with every key of BATCH_KEYS; keys this stage does not use are None.
@@ -114,5 +115,37 @@ def get_batch(
             batch[k] = torch.empty(shape, dtype=_DTYPES[row[1]], device=device)
             torch.distributed.broadcast(batch[k], src, group=group)
 
+    if batch.get("document_ids") is not None and ps.get_context_parallel_world_size() > 1:
+        # Packed records need per-record (THD) CP slicing, which is not implemented: refuse, don't drift.
+        raise NotImplementedError("packed sequences (document_ids) with context parallelism are not supported yet")
     sliced = compat.slice_for_context_parallel({k: v for k, v in batch.items() if v is not None})
     return {k: sliced.get(k) for k in BATCH_KEYS}
+
+
+def packed_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
+    """[b, 1, s, s] bool mask (True = masked out) for packed sequences on the local attention path:
+    causal within each record, nothing across records. Padding (-1) attends causally among itself."""
+    same_record = document_ids.unsqueeze(-1) == document_ids.unsqueeze(-2)
+    s = document_ids.shape[-1]
+    causal = torch.ones(s, s, dtype=torch.bool, device=document_ids.device).tril()
+    return ~(same_record & causal).unsqueeze(1)
+
+
+def packed_seq_params(document_ids: torch.Tensor):
+    """Transformer Engine THD metadata (cu_seqlens) for one packed sequence ([1, s] document_ids).
+
+    Padding at the end is one more segment, so cu_seqlens covers all s tokens."""
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    if document_ids.shape[0] != 1:
+        raise ValueError(f"packed sequences with Transformer Engine need micro-batch size 1, got {document_ids.shape[0]}")
+    ids = document_ids[0]
+    starts = torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1
+    zero = torch.zeros(1, dtype=starts.dtype, device=ids.device)
+    end = torch.full((1,), ids.numel(), dtype=starts.dtype, device=ids.device)
+    cu_seqlens = torch.cat([zero, starts, end]).to(torch.int32)
+    max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
+    return PackedSeqParams(
+        qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+        max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen,
+    )

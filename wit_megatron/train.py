@@ -7,8 +7,9 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from wit_megatron.batch import get_batch
+from wit_megatron.batch import get_batch, packed_attention_mask, packed_seq_params
 from wit_megatron.loss import reduce_reports, wit_loss
+from wit_megatron.model import transformer_engine_available
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -21,7 +22,15 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 def forward_step(data_iterator: Optional[Iterator[dict]], model: torch.nn.Module):
     """Megatron-Core `forward_step_func`: one micro-batch through one model chunk, WIT loss on the last stage."""
     batch = get_batch(data_iterator, vp_stage=unwrap(model).vp_stage)
-    output = model(batch["tokens"], batch["position_ids"], batch["attention_mask"], labels=batch["labels"])
+    attention_mask, packed = None, None
+    if batch["document_ids"] is not None:  # packed records: isolate attention per record
+        if transformer_engine_available():
+            packed = packed_seq_params(batch["document_ids"])
+        else:
+            attention_mask = packed_attention_mask(batch["document_ids"])
+    output = model(
+        batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"], packed_seq_params=packed
+    )
     return output, partial(_loss_func, batch)
 
 
