@@ -14,6 +14,7 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from wit_megatron.runtime import cpu
 from wit_megatron.runtime.parallel import ParallelLayout
 
 LayerSpec = Literal["auto", "te", "local"]
@@ -36,6 +37,11 @@ class GPTArch:
     add_qkv_bias: bool = False
     qk_layernorm: bool = False
     kv_channels: Optional[int] = None  # head dim, if not hidden_size / num_attention_heads
+    add_bias_linear: bool = False  # biases on every linear layer (QKV, proj, fc1, fc2)
+    # Llama 3.x RoPE scaling (megatron-core fixes low/high freq factors 1/4 and original context 8192).
+    rope_scaling_factor: Optional[float] = None
+    # The tokenizer's vocabulary when `vocab_size` includes padding rows (converters strip them on export).
+    unpadded_vocab_size: Optional[int] = None
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -82,11 +88,11 @@ def transformer_config(arch: GPTArch, layout: ParallelLayout, dtype: torch.dtype
         kv_channels=arch.kv_channels,
         layernorm_epsilon=arch.norm_epsilon,
         add_qkv_bias=arch.add_qkv_bias,
+        add_bias_linear=arch.add_bias_linear,
         qk_layernorm=arch.qk_layernorm,
         normalization="RMSNorm",
         gated_linear_unit=True,
         activation_func=F.silu,
-        add_bias_linear=False,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=layout.tp,
@@ -105,6 +111,7 @@ def transformer_config(arch: GPTArch, layout: ParallelLayout, dtype: torch.dtype
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
     )
+    fields.update(cpu.config_overrides())
     fields.update(overrides)
     return TransformerConfig(**fields)
 
@@ -141,6 +148,8 @@ def build_model(arch: GPTArch, config, spec=None) -> list[torch.nn.Module]:
                 share_embeddings_and_output_weights=arch.tie_embeddings,
                 position_embedding_type="rope",
                 rotary_base=int(arch.rotary_base) if float(arch.rotary_base).is_integer() else arch.rotary_base,
+                rope_scaling=arch.rope_scaling_factor is not None,
+                rope_scaling_factor=arch.rope_scaling_factor or 8.0,
                 vp_stage=stage,
             )
         )

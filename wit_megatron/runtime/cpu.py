@@ -87,6 +87,17 @@ def _make_cpu_rng_tracker():
     return CpuRNGStatesTracker()
 
 
+def config_overrides() -> dict:
+    """ModelParallelConfig fields the CPU layer needs (none when it is off).
+
+    gloo matches point-to-point messages between two ranks in posting order; Megatron's batched p2p
+    posts a pipeline stage's forward and backward messages to the same peer in an order that pairs
+    them wrongly when pp=2 with a virtual pipeline (silently: the shapes agree). The unbatched path
+    orders sends and receives by rank parity, which gloo matches correctly.
+    """
+    return {"batch_p2p_comm": False, "batch_p2p_sync": False} if _ENABLED else {}
+
+
 def enable() -> bool:
     """Switch the CPU layer on if no CUDA device is available. Returns True when it is active.
 
