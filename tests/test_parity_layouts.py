@@ -25,9 +25,12 @@ def merged_grads(results, index):
     return grads
 
 
-def check_against_reference(results, cases, references):
+def check_against_reference(results, cases, references, only=None):
+    """Compare case i (all, or those in `only`) of a scenario run with the reference of its batch."""
     refs = {repr(spec): ref for spec, ref in zip(references, results[0]["references"])}
     for i, case in enumerate(cases):
+        if only is not None and i not in only:
+            continue
         ref = refs[repr(case["batch"])]
         label = f"{results[0]['cases'][i]['layout']} mbs{case['mbs']} λ={case['batch']['lambdas']}"
         reports = [r["cases"][i]["report"] for r in results if r["cases"][i]["report"]]

@@ -27,7 +27,7 @@ WEIGHT_SEED = 7
 def make_batch(spec: dict) -> dict[str, torch.Tensor]:
     return synthetic_batch(
         spec["num_seqs"], SEQ_LEN, ARCH.vocab_size, RoleWeights(*spec["lambdas"]),
-        seed=spec.get("seed", 0), prompt_only=spec.get("prompt_only", ()),
+        seed=spec.get("seed", 0), prompt_only=spec.get("prompt_only", ()), lengths=spec.get("lengths"),
     )
 
 

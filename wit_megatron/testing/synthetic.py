@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterator, Sequence
+from typing import Iterator, Optional, Sequence
 
 import torch
 
@@ -16,11 +16,13 @@ def synthetic_batch(
     weights: RoleWeights,
     seed: int = 0,
     prompt_only: Sequence[int] = (),
+    lengths: Optional[Sequence[int]] = None,
 ) -> dict[str, torch.Tensor]:
     """A global batch of `num_seqs` padded sequences [num_seqs, seq_len] of random tokens.
 
     Sequence i has a random prompt, then a random response, then padding, so token counts differ a
-    lot between sequences. Sequences listed in `prompt_only` have no response tokens.
+    lot between sequences; `lengths` (tokens per sequence, 3..seq_len+1) fixes them instead.
+    Sequences listed in `prompt_only` have no response tokens.
     Targets are shifted like Megatron's: target t is token t+1 and carries that token's role's λ.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -28,7 +30,7 @@ def synthetic_batch(
     roles = torch.full((num_seqs, seq_len + 1), int(Role.PROMPT), dtype=torch.uint8)
     valid = torch.zeros(num_seqs, seq_len + 1, dtype=torch.bool)
     for i in range(num_seqs):
-        length = int(torch.randint(3, seq_len + 2, (1,), generator=gen))
+        length = int(torch.randint(3, seq_len + 2, (1,), generator=gen)) if lengths is None else lengths[i]
         prompt_len = int(torch.randint(1, length - 1, (1,), generator=gen))
         valid[i, :length] = True
         if i not in prompt_only:
