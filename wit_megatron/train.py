@@ -84,3 +84,34 @@ def forward_backward(
     if not ps.is_pipeline_last_stage(ignore_virtual=True):
         return {}
     return reduce_reports(reports, group=ps.get_data_parallel_group(with_context_parallel=True))
+
+
+def build_optimizer(model: Sequence[torch.nn.Module], lr: float, weight_decay: float, clip_grad: float, train_iters: int, warmup_iters: int):
+    """Megatron-Core's Adam (the paper's recipe: AdamW, cosine decay, warm-up) and its LR scheduler."""
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = OptimizerConfig(
+        optimizer="adam", lr=lr, min_lr=0.0, weight_decay=weight_decay, clip_grad=clip_grad,
+        adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
+        bf16=unwrap(model[0]).config.bf16, params_dtype=unwrap(model[0]).config.params_dtype,
+    )
+    optimizer = get_megatron_optimizer(config, list(model))
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=lr, min_lr=0.0, lr_warmup_steps=warmup_iters,
+        lr_decay_steps=train_iters, lr_decay_style="cosine", start_wd=weight_decay, end_wd=weight_decay,
+        wd_incr_steps=train_iters, wd_incr_style="constant",
+    )
+    return optimizer, scheduler
+
+
+def train_step(model, optimizer, scheduler, data_iterators, num_microbatches: int, micro_batch_size: int, seq_length: int) -> dict:
+    """forward_backward over one global batch, then one optimizer step. Returns the report plus
+    'grad norm' and 'lr' (the report is {} off the last pipeline stage)."""
+    optimizer.zero_grad()
+    report = forward_backward(model, data_iterators, num_microbatches, micro_batch_size, seq_length)
+    lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (Megatron's warm-up starts at 0)
+    update_successful, grad_norm, _ = optimizer.step()
+    if update_successful:
+        scheduler.step(increment=1)
+    return dict(report, **{"grad norm": grad_norm, "lr": lr})

@@ -9,7 +9,9 @@ What is patched, and why (facts in the project notes, measured on megatron-core 
 - the CUDA RNG tracker (dropout forks, `model_parallel_cuda_manual_seed`): a tracker with Megatron's
   bookkeeping over the CPU generator.
 - hard-coded ``device="cuda"`` tensors (the schedules' token counters) and ``Tensor.cuda()`` (tied
-  embeddings with pipeline parallelism): a torch-function mode maps them to the CPU.
+  embeddings with pipeline parallelism): a torch-function mode maps them to the CPU. The same mode
+  answers ``Tensor.type()`` with the CUDA type name (``torch.cuda.FloatTensor``), because megatron's
+  optimizers and gradient clipping use that string as a dtype check and assert on it.
 - ``torch.cuda.synchronize()`` / stream calls in p2p communication, checkpointing and DDP (0.19): no-ops.
 """
 
@@ -36,6 +38,9 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = kwargs or {}
         if func is torch.Tensor.cuda:
             return args[0]
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            name = func(*args)
+            return name if ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cuda":
             kwargs = dict(kwargs, device=_CPU)
