@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from pathlib import Path
 from functools import lru_cache
 
 import torch
@@ -30,3 +31,19 @@ def slice_for_context_parallel(batch: dict[str, torch.Tensor]) -> dict[str, torc
     if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
         return get_batch_on_this_cp_rank(dict(batch), is_hybrid_cp=False, cp_group=group)
     return get_batch_on_this_cp_rank(dict(batch), cp_group=group)
+
+
+def save_distributed_checkpoint(sharded_state_dict: dict, directory) -> None:
+    """`dist_checkpointing.save` in the torch_dist format, readable by megatron-core 0.16 and later.
+
+    0.17+ keeps the common (non-tensor) state inside the checkpoint files and writes no `common.pt`,
+    which 0.16 requires; 0.17+ still prefers a `common.pt` when present. So after a 0.17+ save,
+    rank 0 writes the same common state to `common.pt` as well.
+    """
+    from megatron.core import dist_checkpointing
+
+    dist_checkpointing.save(sharded_state_dict, str(directory))
+    if megatron_core_version() >= (0, 17) and torch.distributed.get_rank() == 0:
+        common = dist_checkpointing.load_common_state_dict(str(directory))
+        torch.save(common, Path(directory) / "common.pt")  # 0.16's COMMON_STATE_FNAME
+    torch.distributed.barrier()

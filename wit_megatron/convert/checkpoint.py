@@ -1,0 +1,263 @@
+"""Megatron-LM's checkpoint directory layout and the architecture record stored with it.
+
+    ROOT/latest_checkpointed_iteration.txt   "release" or the iteration number
+    ROOT/release/ or ROOT/iter_0000100/      a megatron-core torch_dist checkpoint (metadata.json,
+                                             .metadata, *.distcp, common.pt)
+    ROOT/wit_megatron.json                   this project's record: family, GPTArch, TransformerConfig
+                                             fields, the HF config.json, dtype
+    ROOT/hf_assets/                          tokenizer files and generation_config.json, copied back on export
+
+The common state holds what Megatron-LM's `load_checkpoint` reads (`args`, `checkpoint_version`,
+`iteration`) and the same record under "wit_megatron", so an iteration directory alone is enough.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import torch
+
+from wit_megatron.convert.transforms import ConversionError
+from wit_megatron.model import GPTArch, build_model, layer_spec, transformer_config
+from wit_megatron.runtime.parallel import ParallelLayout
+
+TRACKER = "latest_checkpointed_iteration.txt"
+RECORD = "wit_megatron.json"
+ASSETS = "hf_assets"
+RECORD_FORMAT = 1
+
+
+def iteration_dir_name(iteration: Optional[int]) -> str:
+    """Megatron-LM's names: `release` for a converted model, `iter_0000100` for training saves."""
+    return "release" if iteration is None else f"iter_{iteration:07d}"
+
+
+def resolve(path: Path) -> tuple[Path, Path]:
+    """(root, iteration directory) of a checkpoint given its root (tracker file) or an iteration dir."""
+    path = Path(path)
+    if (path / TRACKER).exists():
+        tag = (path / TRACKER).read_text().strip()
+        iteration = None if tag == "release" else int(tag)
+        return path, path / iteration_dir_name(iteration)
+    if (path / "metadata.json").exists():
+        return path.parent, path
+    raise ConversionError(
+        f"{path}: not a Megatron checkpoint (no {TRACKER} and no metadata.json of a torch_dist checkpoint)"
+    )
+
+
+def config_fields(config) -> dict:
+    """The JSON-representable fields of a TransformerConfig (dtypes as their names)."""
+    out = {}
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if isinstance(value, torch.dtype):
+            out[f.name] = str(value).removeprefix("torch.")
+        elif value is None or isinstance(value, (bool, int, float, str)):
+            out[f.name] = value
+    return out
+
+
+def make_record(family: str, arch: GPTArch, dtype: torch.dtype, hf_config: Optional[dict]) -> dict:
+    config = transformer_config(arch, ParallelLayout(), dtype)
+    return {
+        "format": RECORD_FORMAT,
+        "family": family,
+        "dtype": str(dtype).removeprefix("torch."),
+        "arch": arch.to_dict(),
+        "transformer_config": config_fields(config),
+        "hf_config": hf_config,
+    }
+
+
+def read_record(root: Path, iteration_dir: Path) -> dict:
+    """The architecture record: from ROOT/wit_megatron.json, else from the checkpoint's common state."""
+    if (root / RECORD).exists():
+        return json.loads((root / RECORD).read_text())
+    from megatron.core import dist_checkpointing
+
+    common = dist_checkpointing.load_common_state_dict(str(iteration_dir))
+    if "wit_megatron" not in common:
+        raise ConversionError(
+            f"{iteration_dir}: no {RECORD} next to it and no architecture record in its common state; "
+            "was it written by this project's converter or training?"
+        )
+    return json.loads(common["wit_megatron"])
+
+
+def megatron_lm_args(arch: GPTArch, dtype: torch.dtype) -> argparse.Namespace:
+    """The `args` Megatron-LM stores in a checkpoint (read by `--use-checkpoint-args`)."""
+    return argparse.Namespace(
+        num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
+        num_attention_heads=arch.num_attention_heads, group_query_attention=arch.num_query_groups != arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups, kv_channels=arch.kv_channels or arch.hidden_size // arch.num_attention_heads,
+        max_position_embeddings=arch.max_position_embeddings, seq_length=arch.max_position_embeddings,
+        position_embedding_type="rope", rotary_base=arch.rotary_base, rotary_percent=1.0,
+        use_rope_scaling=arch.rope_scaling_factor is not None, rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+        normalization="RMSNorm", norm_epsilon=arch.norm_epsilon, swiglu=True,
+        untie_embeddings_and_output_weights=not arch.tie_embeddings, add_qkv_bias=arch.add_qkv_bias or arch.add_bias_linear,
+        add_bias_linear=arch.add_bias_linear, qk_layernorm=arch.qk_layernorm,
+        padded_vocab_size=arch.vocab_size, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
+        virtual_pipeline_model_parallel_size=None, world_size=1, data_parallel_size=1, ckpt_format="torch_dist",
+        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
+    )
+
+
+def common_state(record: dict, arch: GPTArch, dtype: torch.dtype, iteration: Optional[int]) -> dict:
+    return {
+        "args": megatron_lm_args(arch, dtype),
+        "checkpoint_version": 3.0,
+        "iteration": iteration or 0,
+        "wit_megatron": json.dumps(record),
+    }
+
+
+def ensure_single_process() -> None:
+    """A one-rank gloo group with Megatron's tp1pp1 groups, for converting outside a launcher."""
+    from megatron.core import parallel_state
+
+    from wit_megatron.runtime import cpu
+    from wit_megatron.runtime.parallel import init_model_parallel
+
+    if not torch.distributed.is_initialized():
+        cpu.enable()
+        store = tempfile.NamedTemporaryFile(prefix="wit-convert-store-", delete=False).name
+        torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    if torch.distributed.get_world_size() != 1:
+        raise ConversionError("conversion runs in a single process; launch it without torchrun")
+    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_tensor_model_parallel_world_size() != 1 \
+            or parallel_state.get_pipeline_model_parallel_world_size() != 1:
+        init_model_parallel(ParallelLayout())
+
+
+def meta_model(arch: GPTArch, dtype: torch.dtype):
+    """A single-rank GPTModel on the meta device: megatron-core's own sharded_state_dict structure
+    (keys, global shapes, stacking, factories) without allocating a byte. Local layer spec: its
+    checkpoint keys are Transformer Engine's (see `families`)."""
+    config = transformer_config(arch, ParallelLayout(), dtype, use_cpu_initialization=True, perform_initialization=False)
+    with torch.device("meta"):
+        (model,) = build_model(arch, config, spec=layer_spec(arch, "local"))
+    return model
+
+
+def tensor_entries(sharded_state_dict: dict) -> Iterator[tuple[str, str, Optional[int], object]]:
+    """(state-dict name, checkpoint key, layer or None, ShardedTensor or ShardedTensorFactory) of a
+    single-rank model's sharded_state_dict; `_extra_state` objects are skipped."""
+    from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensorFactory
+
+    for name, sharded in sharded_state_dict.items():
+        if isinstance(sharded, ShardedObject):
+            continue
+        layer = None
+        if sharded.key.startswith("decoder.layers."):
+            if isinstance(sharded, ShardedTensorFactory):  # name: decoder.layers.<i>.mlp.linear_fc1.weight
+                layer = int(name.split(".")[2])
+            else:
+                layer = sharded.global_offset[0]
+        yield name, sharded.key, layer, sharded
+
+
+def with_data(sharded, tensor: torch.Tensor):
+    """A copy of a meta ShardedTensor/Factory holding `tensor` (shape checked by megatron-core)."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    if isinstance(sharded, ShardedTensor):
+        if tuple(tensor.shape) != tuple(sharded.local_shape):
+            raise ConversionError(f"{sharded.key}: shape {tuple(tensor.shape)}, Megatron expects {tuple(sharded.local_shape)}")
+        return dataclasses.replace(sharded, data=tensor, dtype=tensor.dtype)
+    if tuple(tensor.shape) != tuple(sharded.data.shape):
+        raise ConversionError(f"{sharded.key}: shape {tuple(tensor.shape)}, Megatron expects {tuple(sharded.data.shape)}")
+    return dataclasses.replace(sharded, data=tensor)
+
+
+def write_layout(root: Path, iteration: Optional[int], record: dict, assets: Optional[Path]) -> None:
+    """The tracker file, the record and the HF assets around an already saved iteration directory."""
+    (root / TRACKER).write_text("release" if iteration is None else str(iteration))
+    (root / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    if assets is not None and assets.resolve() != (root / ASSETS).resolve():
+        shutil.copytree(assets, root / ASSETS, dirs_exist_ok=True)
+
+
+def save_training_checkpoint(chunks: Sequence[torch.nn.Module], root: Path, iteration: int, record: dict,
+                             assets: Optional[Path] = None) -> Path:
+    """Save a training model (any layout; all ranks call this) the way Megatron-LM does: each chunk's
+    sharded_state_dict under `model` (or `model0`, `model1`, ... with virtual pipelining)."""
+    from wit_megatron.runtime.compat import save_distributed_checkpoint
+    from wit_megatron.train import unwrap
+
+    root = Path(root)
+    directory = root / iteration_dir_name(iteration)
+    if torch.distributed.get_rank() == 0:
+        directory.mkdir(parents=True, exist_ok=True)
+    torch.distributed.barrier()
+    arch = GPTArch.from_dict(record["arch"])
+    state = common_state(record, arch, getattr(torch, record["dtype"]), iteration)
+    models = [unwrap(c) for c in chunks]
+    for i, model in enumerate(models):
+        state["model" if len(models) == 1 else f"model{i}"] = model.sharded_state_dict()
+    save_distributed_checkpoint(state, directory)
+    if torch.distributed.get_rank() == 0:
+        write_layout(root, iteration, record, assets)
+    torch.distributed.barrier()
+    return directory
+
+
+def load_into_model(chunks: Sequence[torch.nn.Module], path: Path) -> tuple[set, set]:
+    """Load a checkpoint (root or iteration dir) into this rank's model chunks at any layout, through
+    megatron-core's `dist_checkpointing.load` against each chunk's sharded_state_dict (Megatron-LM's
+    path). Returns (missing, unexpected) checkpoint keys over all chunks and ranks."""
+    from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.validation import StrictHandling
+
+    from wit_megatron.train import unwrap
+
+    _, directory = resolve(path)
+    missing, unexpected_per_chunk = set(), []
+    for chunk in chunks:
+        model = unwrap(chunk)
+        # megatron-core's names are the other way round: its "unexpected" keys are requested but absent
+        # from the checkpoint, its "missing" keys are in the checkpoint but requested by no rank.
+        state, not_requested, absent = dist_checkpointing.load(
+            model.sharded_state_dict(), str(directory), strict=StrictHandling.RETURN_ALL
+        )
+        model.load_state_dict(state)
+        missing |= set(absent)
+        unexpected_per_chunk.append(set(not_requested))
+    # A checkpoint key is unexpected only if no chunk requested it.
+    unexpected = set.intersection(*unexpected_per_chunk) if unexpected_per_chunk else set()
+    return missing, unexpected
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
+    """A temporary sibling directory renamed to `out` only when the block completes.
+
+    An existing `out` is refused unless `force`; then it is replaced only after the new one is complete."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise ConversionError(f"output directory {out} exists; pass --force to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.rename(out, old / out.name)
+            os.rename(tmp, out)
+            shutil.rmtree(old)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -1,0 +1,72 @@
+"""HF config.json <-> GPTArch, through a family's declarative config table and refusals."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+from wit_megatron.convert.families import Family
+from wit_megatron.convert.transforms import ConversionError
+from wit_megatron.model import GPTArch
+
+# megatron-core's llama3 RoPE scaling takes only `factor`; these are fixed in RotaryEmbedding._apply_scaling.
+MCORE_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
+def rope_settings(config: dict) -> tuple[float, Optional[float]]:
+    """(rope theta, llama3 scaling factor or None) from a v4 (`rope_theta`, `rope_scaling`) or v5
+    (`rope_parameters`) config; refuses any scaling megatron-core cannot reproduce exactly."""
+    params = dict(config.get("rope_parameters") or {})
+    theta = params.pop("rope_theta", config.get("rope_theta", 10000.0))
+    scaling = dict(config.get("rope_scaling") or params)
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if config.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ConversionError(f"partial_rotary_factor={config['partial_rotary_factor']} is not supported (only 1.0)")
+    if rope_type in (None, "default"):
+        return float(theta), None
+    if rope_type != "llama3":
+        raise ConversionError(
+            f"rope scaling of type {rope_type!r} cannot be represented in Megatron-Core's GPTModel; "
+            "supported: none/'default', and 'llama3' with "
+            + ", ".join(f"{k}={v:g}" for k, v in MCORE_LLAMA3_FIXED.items())
+        )
+    for key, fixed in MCORE_LLAMA3_FIXED.items():
+        if float(scaling.get(key, fixed)) != fixed:
+            raise ConversionError(
+                f"llama3 rope scaling with {key}={scaling[key]} would drift: megatron-core fixes {key}={fixed:g} "
+                "(only `factor` is configurable)"
+            )
+    return float(theta), float(scaling["factor"])
+
+
+def max_tensor_parallel(num_attention_heads: int, num_query_groups: int) -> int:
+    """The largest TP size megatron-core can split these heads into (every valid size divides it)."""
+    return math.gcd(num_attention_heads, num_query_groups)
+
+
+def arch_from_hf_config(family: Family, config: dict, vocab_multiple: Optional[int] = None) -> GPTArch:
+    """The GPTArch of an HF config. Vocabulary rows are padded to a multiple of `vocab_multiple`
+    (default 128 × the largest valid TP size, so the checkpoint loads at every valid TP)."""
+    for refusal in family.refusals:
+        if not refusal.acceptable(config.get(refusal.key), config):
+            raise ConversionError(f"config.json {refusal.key}={config.get(refusal.key)!r}: {refusal.why}")
+    fields = {}
+    for arch_field, key in family.config.items():
+        if key in config and config[key] is not None:
+            fields[arch_field] = config[key]
+    fields.setdefault("num_query_groups", config["num_attention_heads"])
+    for arch_field, value in family.fixed.items():
+        fields[arch_field] = bool(config.get(value)) if isinstance(value, str) else value
+    fields["rotary_base"], fields["rope_scaling_factor"] = rope_settings(config)
+    if fields.get("kv_channels") == fields["hidden_size"] // fields["num_attention_heads"]:
+        fields.pop("kv_channels")
+    missing = [k for k in ("vocab_size", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
+                           "max_position_embeddings") if k not in fields]
+    if missing:
+        raise ConversionError(f"config.json lacks {', '.join(family.config[k] for k in missing)}")
+    vocab = fields["vocab_size"]
+    multiple = vocab_multiple or 128 * max_tensor_parallel(fields["num_attention_heads"], fields["num_query_groups"])
+    padded = -(-vocab // multiple) * multiple
+    if padded != vocab:
+        fields["vocab_size"], fields["unpadded_vocab_size"] = padded, vocab
+    return GPTArch(**fields)

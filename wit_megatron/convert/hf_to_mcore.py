@@ -1,0 +1,157 @@
+"""Hugging Face directory -> Megatron-Core torch_dist checkpoint in Megatron-LM's layout.
+
+Tensors are read one rule at a time (lazily, from safetensors), transformed and handed to
+megatron-core's `dist_checkpointing.save` inside the sharded_state_dict structure of a single-rank
+GPTModel built on the meta device. The checkpoint therefore has exactly the keys, stacked layer
+axis and global shapes megatron-core itself writes, and reshards on load to any TP/PP/VPP layout.
+Peak memory is one copy of the model (the source file is never mapped).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from wit_megatron.convert import checkpoint as ckpt
+from wit_megatron.convert.families import Family, Rule, family_for
+from wit_megatron.convert.hf_config import arch_from_hf_config
+from wit_megatron.convert.safetensors_io import SafetensorsReader
+from wit_megatron.convert.transforms import ConversionError
+from wit_megatron.model import GPTArch
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+# Buffers some HF checkpoints carry that are recomputed from the config, not weights.
+IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Step:
+    """One Megatron tensor: which HF tensors, through which transform."""
+
+    rule: Rule
+    layer: Optional[int]
+    hf_names: tuple[str, ...]
+
+    @property
+    def megatron(self) -> str:
+        return self.rule.megatron if self.layer is None else f"{self.rule.megatron}[{self.layer}]"
+
+
+def read_hf_config(hf_dir: Path) -> dict:
+    path = Path(hf_dir) / "config.json"
+    if not path.exists():
+        raise ConversionError(f"{hf_dir}: no config.json (is this a Hugging Face model directory?)")
+    return json.loads(path.read_text())
+
+
+def plan(family: Family, arch: GPTArch, reader: SafetensorsReader) -> list[Step]:
+    """Every Megatron tensor with its HF sources; refuses missing or unused HF tensors and shapes
+    that do not fit the config, before anything is read or written."""
+    steps = []
+    for rule in family.rules_for(arch):
+        for layer in range(arch.num_layers) if rule.per_layer else [None]:
+            steps.append(Step(rule, layer, tuple(rule.hf_names(layer))))
+    wanted = {name for step in steps for name in step.hf_names}
+    missing = sorted(wanted - set(reader.infos))
+    if missing:
+        raise ConversionError(
+            f"the checkpoint lacks {len(missing)} tensor(s) its config requires, e.g. {', '.join(missing[:5])}"
+        )
+    unused = sorted(n for n in set(reader.infos) - wanted if not n.endswith(IGNORED_HF_TENSORS))
+    if unused == ["lm_head.weight"] and arch.tie_embeddings:
+        if not torch.equal(reader.read("lm_head.weight"), reader.read("model.embed_tokens.weight")):
+            raise ConversionError("config ties embeddings but lm_head.weight differs from model.embed_tokens.weight")
+        unused = []
+    if unused:
+        raise ConversionError(
+            f"{len(unused)} checkpoint tensor(s) have no place in the model its config describes, "
+            f"e.g. {', '.join(unused[:5])}"
+        )
+    for step in steps:  # shapes, on the meta device: nothing is read
+        metas = [torch.empty(reader.infos[n].shape, device="meta") for n in step.hf_names]
+        try:
+            step.rule.transform.to_megatron(metas, arch)
+        except (ConversionError, RuntimeError) as e:
+            shapes = ", ".join(f"{n} {tuple(reader.infos[n].shape)} in {reader.infos[n].file.name}" for n in step.hf_names)
+            raise ConversionError(f"shape mismatch for {step.megatron} from {shapes}: {e}") from None
+    return steps
+
+
+def describe(steps: list[Step], reader: SafetensorsReader, arch: GPTArch) -> str:
+    lines = [f"architecture: {json.dumps(arch.to_dict())}"]
+    for step in steps:
+        sources = " + ".join(f"{n} {list(reader.infos[n].shape)} {str(reader.infos[n].dtype)[6:]}" for n in step.hf_names)
+        lines.append(f"{sources} -> {step.megatron} ({step.rule.transform.name})")
+    return "\n".join(lines)
+
+
+def copy_assets(hf_dir: Path, dest: Path) -> None:
+    """Tokenizer files, generation_config.json and the like: every small non-weight file."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for path in sorted(Path(hf_dir).iterdir()):
+        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and not path.name.endswith(".index.json"):
+            shutil.copy2(path, dest / path.name)
+
+
+def convert_hf_to_megatron(hf_dir: Path, out: Path, dtype: Optional[str] = None, force: bool = False,
+                           vocab_multiple: Optional[int] = None, dry_run: bool = False,
+                           progress: bool = True) -> Optional[Path]:
+    """Write `out` (Megatron-LM layout, `release/`). Returns `out`, or None for a dry run (mapping printed)."""
+    hf_dir, out = Path(hf_dir), Path(out)
+    config = read_hf_config(hf_dir)
+    family_name, family = family_for(config)
+    arch = arch_from_hf_config(family, config, vocab_multiple)
+    reader = SafetensorsReader(hf_dir)
+    steps = plan(family, arch, reader)
+    if dry_run:
+        print(describe(steps, reader, arch))
+        return None
+    if out.exists() and not force:
+        raise ConversionError(f"output directory {out} exists; pass --force to replace it")
+    target = DTYPES[dtype] if dtype else None
+    model_dtype = target or reader.infos[steps[0].hf_names[0]].dtype  # the embedding's
+
+    ckpt.ensure_single_process()
+    model = ckpt.meta_model(arch, model_dtype)
+    by_key = {(s.rule.megatron, s.layer): s for s in steps}
+    structure = model.sharded_state_dict()
+    entries = list(ckpt.tensor_entries(structure))
+    unplanned = [f"{key}[{layer}]" for _, key, layer, _ in entries if (key, layer) not in by_key]
+    if unplanned or len(entries) != len(steps):
+        raise ConversionError(f"internal: the {family_name} table does not match Megatron's tensors {unplanned}")
+    sharded = dict(structure)  # keeps the `_extra_state` objects as megatron-core made them
+    bar = _progress(len(entries), "HF -> Megatron", progress)
+    for name, key, layer, entry in entries:
+        step = by_key[(key, layer)]
+        tensors = [reader.read(n) for n in step.hf_names]
+        if target is not None:
+            tensors = [t.to(target) for t in tensors]
+        sharded[name] = ckpt.with_data(entry, step.rule.transform.to_megatron(tensors, arch))
+        bar.update(1)
+    bar.close()
+
+    record = ckpt.make_record(family_name, arch, model_dtype, config)
+    state = ckpt.common_state(record, arch, model_dtype, None)
+    state["model"] = sharded
+    from wit_megatron.runtime.compat import save_distributed_checkpoint
+
+    with ckpt.atomic_output_dir(out, force) as tmp:
+        directory = tmp / ckpt.iteration_dir_name(None)
+        directory.mkdir()
+        save_distributed_checkpoint(state, directory)
+        copy_assets(hf_dir, tmp / ckpt.ASSETS)
+        ckpt.write_layout(tmp, None, record, None)
+    return out
+
+
+def _progress(total: int, desc: str, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, file=sys.stderr)
