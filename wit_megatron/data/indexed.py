@@ -1,0 +1,128 @@
+"""On-disk layout of a preprocessed WIT dataset: two Megatron-Core IndexedDatasets, document-aligned.
+
+For an output prefix P:
+    P_tokens.bin/.idx   token ids (uint16 when the vocabulary fits, else int32), one sequence per record
+    P_roles.bin/.idx    one uint8 role code (wit_megatron.roles.Role) per token, same sequence lengths
+    P.meta.json         tokenizer facts and preprocessing settings the dataset checks at load time
+    P.report.json       what preprocessing read, wrote, skipped and why (see preprocess.Report)
+
+Both IndexedDatasets are written with megatron-core's own IndexedDatasetBuilder, so Megatron's tools
+(and GPTDataset, for the tokens alone) read them as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+import numpy as np
+import torch
+
+from wit_megatron.roles import Role
+
+META_VERSION = 1
+TOKENS_SUFFIX = "_tokens"
+ROLES_SUFFIX = "_roles"
+
+
+def role_codes() -> dict[str, int]:
+    return {r.name.lower(): int(r) for r in Role}
+
+
+def meta_path(prefix: str) -> str:
+    return f"{prefix}.meta.json"
+
+
+def report_path(prefix: str) -> str:
+    return f"{prefix}.report.json"
+
+
+class WITIndexedWriter:
+    """Append records (ids + roles) to the token and role IndexedDatasets of one output prefix."""
+
+    def __init__(self, prefix: str, vocab_size: int):
+        from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path
+
+        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+        self.prefix = prefix
+        self.vocab_size = vocab_size
+        self.token_dtype = DType.optimal_dtype(vocab_size)
+        self._tokens = IndexedDatasetBuilder(get_bin_path(prefix + TOKENS_SUFFIX), dtype=self.token_dtype)
+        self._roles = IndexedDatasetBuilder(get_bin_path(prefix + ROLES_SUFFIX), dtype=np.uint8)
+
+    def add(self, ids: np.ndarray, roles: np.ndarray) -> None:
+        """One record: ids [n] int, roles [n] uint8; one document of one sequence in both datasets."""
+        if len(ids) != len(roles):
+            raise ValueError(f"{len(ids)} ids but {len(roles)} role codes")
+        if len(ids) and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
+            raise ValueError(f"token id out of range [0, {self.vocab_size}): min {ids.min()}, max {ids.max()}")
+        self._tokens.add_item(torch.from_numpy(np.ascontiguousarray(ids)))
+        self._tokens.end_document()
+        self._roles.add_item(torch.from_numpy(np.ascontiguousarray(roles, dtype=np.uint8)))
+        self._roles.end_document()
+
+    def finalize(self, meta: dict) -> None:
+        from megatron.core.datasets.indexed_dataset import get_idx_path
+
+        self._tokens.finalize(get_idx_path(self.prefix + TOKENS_SUFFIX))
+        self._roles.finalize(get_idx_path(self.prefix + ROLES_SUFFIX))
+        meta = dict(meta, version=META_VERSION, vocab_size=self.vocab_size, role_codes=role_codes(),
+                    token_dtype=np.dtype(self.token_dtype).name)
+        write_json(meta_path(self.prefix), meta)
+
+
+def write_json(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=False)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+class WITIndexedData:
+    """The low-level dataset of one prefix: tokens and roles side by side, checked to be aligned.
+
+    `tokens` and `roles` are flat memory maps over all records (record i occupies
+    [starts[i], starts[i] + lengths[i])), which the dataset gathers from without per-record reads.
+    """
+
+    def __init__(self, prefix: str, mmap: bool = True):
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        self.prefix = prefix
+        if not os.path.isfile(meta_path(prefix)):
+            raise FileNotFoundError(f"{meta_path(prefix)} not found: is {prefix!r} the output prefix of tools/preprocess_wit_data.py?")
+        with open(meta_path(prefix)) as f:
+            self.meta = json.load(f)
+        if self.meta.get("role_codes") != role_codes():
+            raise ValueError(f"{prefix}: role codes {self.meta.get('role_codes')} differ from this version's {role_codes()}; preprocess again")
+        self.token_data = IndexedDataset(prefix + TOKENS_SUFFIX, mmap=mmap)
+        self.role_data = IndexedDataset(prefix + ROLES_SUFFIX, mmap=mmap)
+        self.lengths = np.asarray(self.token_data.sequence_lengths, dtype=np.int64)
+        if not np.array_equal(self.lengths, self.role_data.sequence_lengths):
+            raise ValueError(f"{prefix}: token and role datasets are not aligned (different sequence lengths)")
+        self.starts = np.zeros(len(self.lengths), dtype=np.int64)
+        np.cumsum(self.lengths[:-1], out=self.starts[1:])
+        total = int(self.lengths.sum())
+        self.tokens = _flat(prefix + TOKENS_SUFFIX, self.token_data.index.dtype, total)
+        self.roles = _flat(prefix + ROLES_SUFFIX, np.uint8, total)
+
+    def __len__(self) -> int:
+        return len(self.lengths)
+
+    def get(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """(ids [n], roles [n]) of record i."""
+        s, n = self.starts[i], self.lengths[i]
+        return self.tokens[s : s + n], self.roles[s : s + n]
+
+
+def _flat(path_prefix: str, dtype, count: int) -> np.ndarray:
+    from megatron.core.datasets.indexed_dataset import get_bin_path
+
+    path = get_bin_path(path_prefix)
+    expected = count * np.dtype(dtype).itemsize
+    if os.path.getsize(path) != expected:
+        raise ValueError(f"{path} has {os.path.getsize(path)} bytes, its index describes {expected}")
+    if count == 0:
+        return np.zeros(0, dtype=dtype)
+    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))

@@ -1,0 +1,321 @@
+"""Preprocess instruction data into a WIT indexed dataset (see indexed.py for the layout).
+
+    inputs ─► sources.iter_source ─► chunks of records ─► workers: formats.parse_record, tokenize.*,
+    truncation ─► in input order ─► indexed.WITIndexedWriter ─► report
+
+Output is identical for any number of workers: chunks come back in input order (Pool.imap).
+A bad record raises `PreprocessError` naming its file and line, unless `on_error="skip"`, which
+counts it under its reason in the report. Nothing is dropped without being counted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from itertools import islice
+from typing import Iterator, Literal, Optional, Sequence
+
+import numpy as np
+
+from wit_megatron.data.formats import FORMATS, REASONS, ChatRecord, FormatName, PaperRecord, RecordError, parse_record
+from wit_megatron.data.indexed import WITIndexedWriter, report_path, write_json
+from wit_megatron.data.sources import SourceItem, SourceStats, iter_source
+from wit_megatron.data.tokenize import (
+    BUILTIN_TEMPLATES, TRUNCATION_POLICIES, ChatEncoder, Encoded, PaperEncoder, TruncationPolicy, truncate,
+)
+from wit_megatron.roles import Role
+
+MAX_ERROR_EXAMPLES = 20
+
+
+class PreprocessError(ValueError):
+    """A malformed record with on_error="raise": the message names file, line and what is wrong."""
+
+
+@dataclass
+class PreprocessConfig:
+    inputs: Sequence[str]
+    output_prefix: str
+    tokenizer: str  # a local Hugging Face tokenizer directory (or a name in the offline cache)
+    format: FormatName = "auto"
+    chat_template: Optional[str] = None  # None: the tokenizer's own; a BUILTIN_TEMPLATES name; or a .jinja file
+    append_eos: bool = True
+    max_length: Optional[int] = None  # tokens per record; None keeps every record whole
+    truncation: TruncationPolicy = "keep_response"
+    workers: int = 1
+    on_error: Literal["raise", "skip"] = "raise"
+    split: Optional[str] = None  # the split of a `datasets` input with several
+    chunk_size: int = 512  # records per work unit (one tokenizer batch for paper records)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.format not in FORMATS:
+            raise ValueError(f"format {self.format!r}: choose one of {FORMATS}")
+        if self.truncation not in TRUNCATION_POLICIES:
+            raise ValueError(f"truncation {self.truncation!r}: choose one of {TRUNCATION_POLICIES}")
+        if self.on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error {self.on_error!r}: choose 'raise' or 'skip'")
+        if self.max_length is not None and self.max_length < 2:
+            raise ValueError(f"max_length must be >= 2, got {self.max_length}")
+        if self.workers < 1:
+            raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if not self.inputs:
+            raise ValueError("no inputs given")
+
+
+@dataclass
+class Report:
+    """What a preprocessing run did. Tokens are counted after truncation, as written."""
+
+    records_read: int = 0
+    records_written: int = 0
+    skipped: dict = field(default_factory=dict)  # reason -> count
+    truncated: int = 0
+    blank_lines: int = 0
+    formats: dict = field(default_factory=dict)  # paper/chat/sharegpt -> records written
+    tokens: int = 0
+    tokens_by_role: dict = field(default_factory=lambda: {r.name.lower(): 0 for r in Role})
+    length_histogram: dict = field(default_factory=dict)  # "<=2^k" -> records (written lengths)
+    max_length_seen: int = 0
+    error_examples: list = field(default_factory=list)  # the first MAX_ERROR_EXAMPLES skipped records
+    per_input: list = field(default_factory=list)
+    elapsed_s: float = 0.0
+    tokens_per_s: float = 0.0
+
+    def add_written(self, encoded: Encoded, fmt: str, was_truncated: bool) -> None:
+        n = len(encoded)
+        self.records_written += 1
+        self.tokens += n
+        self.truncated += was_truncated
+        self.formats[fmt] = self.formats.get(fmt, 0) + 1
+        counts = np.bincount(encoded.roles, minlength=len(Role))
+        for r in Role:
+            self.tokens_by_role[r.name.lower()] += int(counts[r])
+        key = f"<={1 << max(0, (n - 1).bit_length())}"
+        self.length_histogram[key] = self.length_histogram.get(key, 0) + 1
+        self.max_length_seen = max(self.max_length_seen, n)
+
+    def add_skipped(self, location: str, error: RecordError) -> None:
+        self.skipped[error.reason] = self.skipped.get(error.reason, 0) + 1
+        if len(self.error_examples) < MAX_ERROR_EXAMPLES:
+            self.error_examples.append(f"{location}: {error}")
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["length_histogram"] = dict(sorted(d["length_histogram"].items(), key=lambda kv: int(kv[0][2:])))
+        d["skipped_reasons"] = {k: REASONS[k] for k in d["skipped"]}
+        return d
+
+
+@dataclass
+class _Outcome:
+    """A worker's verdict on one record."""
+
+    location: str
+    fmt: Optional[str] = None
+    encoded: Optional[Encoded] = None
+    truncated: bool = False
+    error: Optional[RecordError] = None
+
+
+class RecordEncoder:
+    """Parse, tokenize and truncate records (runs inside each worker)."""
+
+    def __init__(self, config: PreprocessConfig, tokenizer):
+        self.config = config
+        self.paper = PaperEncoder(tokenizer, append_eos=config.append_eos)
+        self._tokenizer = tokenizer
+        self._chat: Optional[ChatEncoder] = None
+
+    def chat(self) -> ChatEncoder:
+        if self._chat is None:  # built on first chat record: paper-only runs need no template
+            self._chat = ChatEncoder(self._tokenizer, _read_template(self.config.chat_template))
+        return self._chat
+
+    def encode_chunk(self, items: list[SourceItem]) -> list[_Outcome]:
+        outcomes = [_Outcome(item.location) for item in items]
+        paper: list[tuple[int, PaperRecord]] = []
+        for i, item in enumerate(items):
+            try:
+                if isinstance(item.record, RecordError):
+                    raise item.record
+                record = parse_record(item.record, self.config.format)
+                outcomes[i].fmt = _format_name(item.record, record)
+                if isinstance(record, PaperRecord):
+                    paper.append((i, record))
+                else:
+                    self._finish(outcomes[i], self.chat().encode(record))
+            except RecordError as e:
+                outcomes[i].error = e
+        if paper:
+            for (i, _), encoded in zip(paper, self.paper.encode_batch([r for _, r in paper])):
+                if isinstance(encoded, RecordError):
+                    outcomes[i].error = encoded
+                else:
+                    self._finish(outcomes[i], encoded)
+        return outcomes
+
+    def _finish(self, outcome: _Outcome, encoded: Encoded) -> None:
+        if len(encoded) < 2:
+            outcome.error = RecordError("too_short", f"{len(encoded)} token(s)")
+            return
+        encoded, outcome.truncated = truncate(encoded, self.config.max_length, self.config.truncation)
+        if not (encoded.roles == Role.RESPONSE).any():
+            outcome.error = RecordError(
+                "no_response_tokens", f"truncation to {self.config.max_length} tokens ({self.config.truncation}) left no response token"
+            )
+            return
+        outcome.encoded = encoded
+
+
+def _format_name(raw, record) -> str:
+    if isinstance(record, PaperRecord):
+        return "paper"
+    return "sharegpt" if "conversations" in raw and "messages" not in raw else "chat"
+
+
+def _read_template(template: Optional[str]) -> Optional[str]:
+    if template is None or template in BUILTIN_TEMPLATES:
+        return template
+    if os.path.isfile(template):
+        with open(template, encoding="utf-8") as f:
+            return f.read()
+    raise ValueError(f"--chat-template {template!r} is neither a file nor a built-in template ({sorted(BUILTIN_TEMPLATES)})")
+
+
+def load_tokenizer(name_or_path: str):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(name_or_path)
+
+
+# Worker-process state: set before the pool forks, or by the spawn initializer.
+_ENCODER: Optional[RecordEncoder] = None
+
+
+def _init_worker(config: PreprocessConfig, tokenizer_path: Optional[str]) -> None:
+    global _ENCODER
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
+    if _ENCODER is None:
+        _ENCODER = RecordEncoder(config, load_tokenizer(tokenizer_path))
+
+
+def _encode_in_worker(items: list[SourceItem]) -> list[_Outcome]:
+    return _ENCODER.encode_chunk(items)
+
+
+def _chunks(items: Iterator[SourceItem], size: int) -> Iterator[list[SourceItem]]:
+    while chunk := list(islice(items, size)):
+        yield chunk
+
+
+def vocab_size(tokenizer) -> int:
+    """Ids the model's embedding must cover: base vocabulary plus added tokens."""
+    return len(tokenizer)
+
+
+def run(config: PreprocessConfig, tokenizer=None) -> Report:
+    """Preprocess `config.inputs` into `config.output_prefix`; returns (and writes) the report."""
+    global _ENCODER
+    from tqdm import tqdm
+
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)
+    encoder = RecordEncoder(config, tokenizer)
+    report = Report()
+    writer = WITIndexedWriter(config.output_prefix, vocab_size(tokenizer))
+    start = time.perf_counter()
+    pool = None
+    if config.workers > 1:
+        method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+        _ENCODER = encoder if method == "fork" else None  # forked workers inherit the loaded tokenizer
+        ctx = multiprocessing.get_context(method)
+        pool = ctx.Pool(config.workers, initializer=_init_worker, initargs=(config, config.tokenizer))
+    try:
+        with tqdm(desc="records", unit=" rec", disable=not config.progress, file=sys.stderr) as bar:
+            for path in config.inputs:
+                stats = SourceStats()
+                before = (report.records_read, report.records_written)
+                chunks = _chunks(iter_source(path, config.split, stats), config.chunk_size)
+                results = pool.imap(_encode_in_worker, chunks) if pool else map(encoder.encode_chunk, chunks)
+                for outcomes in results:
+                    for o in outcomes:
+                        report.records_read += 1
+                        if o.error is not None:
+                            if config.on_error == "raise":
+                                raise PreprocessError(f"{o.location}: {o.error}\n(use --on-error skip to count and skip such records)")
+                            report.add_skipped(o.location, o.error)
+                            continue
+                        writer.add(o.encoded.ids, o.encoded.roles)
+                        report.add_written(o.encoded, o.fmt, o.truncated)
+                    bar.update(len(outcomes))
+                report.blank_lines += stats.blank_lines
+                report.per_input.append({
+                    "input": path,
+                    "records_read": report.records_read - before[0],
+                    "records_written": report.records_written - before[1],
+                })
+    finally:
+        if pool is not None:
+            pool.terminate()
+        _ENCODER = None
+    report.elapsed_s = time.perf_counter() - start
+    report.tokens_per_s = report.tokens / report.elapsed_s if report.elapsed_s > 0 else 0.0
+    writer.finalize({
+        "tokenizer": config.tokenizer,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+        "pad_token_id": tokenizer.pad_token_id,
+        "append_eos": config.append_eos,
+        "max_length": config.max_length,
+        "truncation": config.truncation,
+        "records": report.records_written,
+    })
+    write_json(report_path(config.output_prefix), report.as_dict())
+    return report
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="wit-preprocess-data",
+        description="Instruction data (paper prompt/response, chat messages, ShareGPT) -> Megatron indexed "
+        "datasets of token ids and per-token role codes, for WIT's load-time λ weights.",
+    )
+    p.add_argument("--input", nargs="+", required=True, help=".jsonl[.gz], .json, .parquet, a saved `datasets` dir, or an offline dataset name")
+    p.add_argument("--output-prefix", required=True, help="writes PREFIX_tokens.bin/.idx, PREFIX_roles.bin/.idx, PREFIX.meta.json, PREFIX.report.json")
+    p.add_argument("--tokenizer", required=True, help="a local Hugging Face tokenizer directory")
+    p.add_argument("--format", choices=FORMATS, default="auto", help="record format (default: detected per record)")
+    p.add_argument("--chat-template", default=None, help=f"Jinja template file or built-in name {sorted(BUILTIN_TEMPLATES)} (default: the tokenizer's)")
+    p.add_argument("--no-append-eos", dest="append_eos", action="store_false", help="paper format: do not append EOS to the response")
+    p.add_argument("--max-length", type=int, default=None, help="truncate records to this many tokens (use the training seq length + 1)")
+    p.add_argument("--truncation", choices=TRUNCATION_POLICIES, default="keep_response",
+                   help="keep_response: cut the prompt from the left, keep the response (default); right: the paper's plain right truncation")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="skip: count malformed records in the report instead of stopping")
+    p.add_argument("--split", default=None, help="split of a `datasets` input")
+    p.add_argument("--chunk-size", type=int, default=512)
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = vars(build_arg_parser().parse_args(argv))
+    config = PreprocessConfig(inputs=args.pop("input"), **args)
+    try:
+        report = run(config)
+    except PreprocessError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    skipped = sum(report.skipped.values())
+    print(
+        f"wrote {report.records_written} of {report.records_read} records ({report.tokens} tokens, "
+        f"{report.tokens_by_role['response']} response) to {config.output_prefix}_{{tokens,roles}}.bin/.idx; "
+        f"skipped {skipped} {report.skipped or ''}; truncated {report.truncated}; "
+        f"{report.tokens_per_s:,.0f} tokens/s; report: {report_path(config.output_prefix)}",
+        file=sys.stderr,
+    )
+    return 0

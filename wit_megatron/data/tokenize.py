@@ -1,0 +1,241 @@
+"""Records → token ids plus one role code (wit_megatron.roles.Role) per token.
+
+Paper format (`PaperEncoder`), exactly the WIT authors' rule:
+    p = prompt minus one trailing space;  r = response with "###eos_token###" replaced by the EOS text,
+    and the EOS text appended unless disabled (or the response already ended with the placeholder)
+    ids      = tokenizer(p + " " + r).input_ids            (BOS as the tokenizer adds it)
+    boundary = len(tokenizer(p).input_ids)                 a COUNT, not a token match
+    roles    = PROMPT for ids[:boundary], RESPONSE for ids[boundary:]
+
+Chat format (`ChatEncoder`): ids are exactly `tokenizer.apply_chat_template(messages, tokenize=True)`,
+i.e. the rendered text tokenized without added special tokens. Roles come from character spans:
+    1. each message's content is located in the rendered text by rendering the conversation once more
+       with that content replaced by a unique marker: the marker's offset is where the content starts
+       (checked: the text before it and the content itself must match the real rendering);
+    2. a token whose characters overlap an assistant content span is RESPONSE, and so is the first token
+       after that span when it is a special token (the assistant's end-of-turn: <|im_end|>, <|eot_id|>, </s>);
+    3. a token overlapping a system/user/tool content span gets SYSTEM/USER/TOOL; everything else
+       (template scaffolding: headers, BOS, turn markers of other roles) is PROMPT.
+
+Truncation (`truncation_window`) is shared with the dataset, which applies it again at load time to
+records longer than its sequence.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal, Optional, Sequence, Union
+
+import numpy as np
+
+from wit_megatron.data.formats import ChatRecord, PaperRecord, RecordError
+from wit_megatron.roles import Role
+
+EOS_PLACEHOLDER = "###eos_token###"  # the authors' marker for "EOS goes here" in response text
+
+TruncationPolicy = Literal["keep_response", "right"]
+TRUNCATION_POLICIES = ("keep_response", "right")
+
+_CHAT_ROLE_CODES = {"system": Role.SYSTEM, "user": Role.USER, "tool": Role.TOOL, "assistant": Role.RESPONSE}
+
+
+@dataclass
+class Encoded:
+    """One tokenized record: ids [n] int64 and roles [n] uint8 (Role codes)."""
+
+    ids: np.ndarray
+    roles: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def _fast_backend(tokenizer):
+    """A private copy of the tokenizer's Rust backend, set up as `tokenizer.__call__` sets it up for
+    plain calls (no truncation, no padding, same special-token splitting), or None for slow tokenizers."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())
+    copy.no_truncation()
+    copy.no_padding()
+    copy.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    return copy
+
+
+class PaperEncoder:
+    """The WIT authors' prompt/response tokenization (see the module docstring)."""
+
+    def __init__(self, tokenizer, append_eos: bool = True):
+        if tokenizer.eos_token is None and append_eos:
+            raise ValueError("the tokenizer has no EOS token; pass append_eos=False (--no-append-eos)")
+        self.tokenizer = tokenizer
+        self.append_eos = append_eos
+        self.eos_text = tokenizer.eos_token
+        self._backend = _fast_backend(tokenizer)
+
+    def texts(self, record: PaperRecord) -> tuple[str, str]:
+        """(prompt text, prompt + " " + response text) exactly as the authors build them."""
+        prompt = record.prompt[:-1] if record.prompt.endswith(" ") else record.prompt
+        response = record.response
+        if self.append_eos and not response.endswith(EOS_PLACEHOLDER):
+            response = response + EOS_PLACEHOLDER
+        if self.eos_text is not None:
+            response = response.replace(EOS_PLACEHOLDER, self.eos_text)
+        return prompt, prompt + " " + response
+
+    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+        if self._backend is None:
+            return self.tokenizer(texts)["input_ids"]
+        encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+        return [e.ids for e in encode(texts, add_special_tokens=True)]
+
+    def encode_batch(self, records: Sequence[PaperRecord]) -> list[Union[Encoded, RecordError]]:
+        """One tokenizer pass over all prompts and joined texts of the batch."""
+        pairs = [self.texts(r) for r in records]
+        ids = self._encode_texts([p for p, _ in pairs] + [j for _, j in pairs])
+        out: list[Union[Encoded, RecordError]] = []
+        for i in range(len(records)):
+            prompt_ids, joint_ids = ids[i], ids[len(records) + i]
+            boundary = len(prompt_ids)
+            if boundary >= len(joint_ids):
+                out.append(RecordError(
+                    "no_response_tokens",
+                    f"the prompt alone has {boundary} tokens and prompt + response {len(joint_ids)}: "
+                    "by the authors' boundary rule no token is a response token",
+                ))
+                continue
+            roles = np.full(len(joint_ids), Role.PROMPT, dtype=np.uint8)
+            roles[boundary:] = Role.RESPONSE
+            out.append(Encoded(np.asarray(joint_ids, dtype=np.int64), roles))
+        return out
+
+
+class ChatEncoder:
+    """Chat messages → `apply_chat_template` ids with per-token roles (see the module docstring)."""
+
+    _MARKER = "\u2063WIT{}\u2063"  # invisible separator: never merges with template text into a false match
+
+    def __init__(self, tokenizer, chat_template: Optional[str] = None):
+        template = chat_template or getattr(tokenizer, "chat_template", None)
+        if not template:
+            raise ValueError(
+                f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: "
+                f"name one of {sorted(BUILTIN_TEMPLATES)} or pass a Jinja template file (--chat-template)"
+            )
+        self.tokenizer = tokenizer
+        self.template = BUILTIN_TEMPLATES.get(template, template)
+        self.special_ids = frozenset(tokenizer.all_special_ids) | frozenset(
+            i for i, t in tokenizer.added_tokens_decoder.items() if t.special
+        )
+
+    def render(self, messages: list[dict]) -> str:
+        try:
+            return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False)
+        except Exception as e:  # jinja raise_exception(), undefined variables, ...
+            raise RecordError("template_error", f"{type(e).__name__}: {e}") from None
+
+    def content_spans(self, record: ChatRecord, text: str) -> list[tuple[int, int]]:
+        """[start, end) of each message's content in `text`, the rendered conversation."""
+        messages = record.as_dicts()
+        spans = []
+        for k, message in enumerate(messages):
+            marker = self._MARKER.format(k)
+            probe = self.render(messages[:k] + [dict(message, content=marker)] + messages[k + 1 :])
+            start = probe.find(marker)
+            if start < 0 or probe[:start] != text[:start]:
+                raise RecordError("unlocatable_content", f"message {k} ({message['role']}): the template does not render its content verbatim")
+            content = message["content"]
+            for candidate in (content, content.strip()):
+                if text.startswith(candidate, start):
+                    spans.append((start, start + len(candidate)))
+                    break
+            else:
+                raise RecordError("unlocatable_content", f"message {k} ({message['role']}): content not found where the template puts it")
+        return spans
+
+    def encode(self, record: ChatRecord) -> Encoded:
+        text = self.render(record.as_dicts())
+        spans = self.content_spans(record, text)
+        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        ids = np.asarray(enc["input_ids"], dtype=np.int64)
+        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
+        starts, ends = offsets[:, 0], offsets[:, 1]
+        roles = np.full(len(ids), Role.PROMPT, dtype=np.uint8)
+        # Finer prompt roles first, so that RESPONSE wins on a token that overlaps both.
+        order = sorted(range(len(spans)), key=lambda k: record.messages[k].role == "assistant")
+        for k in order:
+            lo, hi = spans[k]
+            role = _CHAT_ROLE_CODES[record.messages[k].role]
+            overlap = (starts < hi) & (ends > lo)
+            roles[overlap] = role
+            if role == Role.RESPONSE:
+                after = np.nonzero(starts >= hi)[0]
+                if len(after) and int(ids[after[0]]) in self.special_ids:
+                    roles[after[0]] = Role.RESPONSE  # the assistant's end-of-turn token
+        if not (roles == Role.RESPONSE).any():
+            raise RecordError("no_response_tokens", "no token overlaps an assistant message's content")
+        return Encoded(ids, roles)
+
+
+def truncation_window(roles: np.ndarray, max_length: int, policy: TruncationPolicy = "keep_response") -> tuple[int, int]:
+    """Which tokens of a record to keep in at most `max_length` tokens: token 0 and tokens [a, b).
+
+    Token 0 (BOS where the tokenizer adds one) is always kept, so a kept record is ids[:1] + ids[a:b];
+    an untruncated record has a = 1, b = len(roles).
+      right:          the paper's plain right truncation: a = 1, b = max_length.
+      keep_response:  drop prompt tokens from the left (after token 0) until the record fits; if the
+                      tokens from the first response token on do not fit either, keep from the first
+                      response token and cut the end. A record with a response token keeps at least one.
+    """
+    n = len(roles)
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2 (one input and one target), got {max_length}")
+    if n <= max_length:
+        return 1, n
+    if policy == "right":
+        return 1, max_length
+    if policy != "keep_response":
+        raise ValueError(f"unknown truncation policy {policy!r}; choose one of {TRUNCATION_POLICIES}")
+    response = np.flatnonzero(roles == Role.RESPONSE)
+    first = int(response[0]) if len(response) else n
+    a = max(1, min(n - (max_length - 1), first))
+    return a, a + max_length - 1
+
+
+def truncate(encoded: Encoded, max_length: Optional[int], policy: TruncationPolicy) -> tuple[Encoded, bool]:
+    """(the record cut to `max_length` tokens by `policy`, whether it was cut)."""
+    if max_length is None or len(encoded) <= max_length:
+        return encoded, False
+    a, b = truncation_window(encoded.roles, max_length, policy)
+    keep = np.r_[0, a:b]
+    return Encoded(encoded.ids[keep], encoded.roles[keep]), True
+
+
+# Named templates for tokenizers that ship none (--chat-template NAME).
+BUILTIN_TEMPLATES = {
+    "chatml": (
+        "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+        "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+    ),
+    "llama3": (
+        "{{ bos_token }}{% for message in messages %}{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+        " + message['content'] | trim + '<|eot_id|>' }}{% endfor %}"
+        "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+    ),
+    "mistral": (
+        "{%- if messages[0]['role'] == 'system' %}{%- set system_message = messages[0]['content'] %}"
+        "{%- set loop_messages = messages[1:] %}{%- else %}{%- set loop_messages = messages %}{%- endif %}"
+        "{{- bos_token }}{%- for message in loop_messages %}"
+        "{%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+        "{{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}{%- endif %}"
+        "{%- if message['role'] == 'user' %}{%- if loop.first and system_message is defined %}"
+        "{{- ' [INST] ' + system_message + '\n\n' + message['content'] + ' [/INST]' }}"
+        "{%- else %}{{- ' [INST] ' + message['content'] + ' [/INST]' }}{%- endif %}"
+        "{%- elif message['role'] == 'assistant' %}{{- ' ' + message['content'] + eos_token }}"
+        "{%- else %}{{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}"
+        "{%- endif %}{%- endfor %}"
+    ),
+}
