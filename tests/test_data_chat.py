@@ -1,0 +1,167 @@
+"""Chat and ShareGPT records through the preprocessing run, on three real chat templates:
+ChatML as SmolLM2 ships it, Llama-3's (Meta-Llama-3-8B-Instruct's template, on SmolLM2's BPE with
+Llama-3's special tokens added) and Mistral's (Mistral-7B-Instruct-v0.2's template on Mistral's
+SentencePiece tokenizer). Ids must equal `apply_chat_template`; role labels are checked against
+hand-verified expectations: the decoded text of each run of equally-labelled tokens."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+from wit_megatron.data.preprocess import PreprocessConfig, run
+from wit_megatron.testing import mistral, smollm2
+
+P, R, S, U, T = 0, 1, 2, 3, 4  # role codes: prompt, response, system, user, tool
+
+LLAMA3_TEMPLATE = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}{% set content = '<|start_header_id|>' + "
+    "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
+    "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
+    "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}"
+)
+MISTRAL_TEMPLATE = (
+    "{%- if messages[0]['role'] == 'system' %}\n    {%- set system_message = messages[0]['content'] %}\n"
+    "    {%- set loop_messages = messages[1:] %}\n{%- else %}\n    {%- set loop_messages = messages %}\n{%- endif %}\n\n"
+    "{{- bos_token }}\n{%- for message in loop_messages %}\n"
+    "    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}\n"
+    "        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}\n"
+    "    {%- endif %}\n    {%- if message['role'] == 'user' %}\n        {%- if loop.first and system_message is defined %}\n"
+    "            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}\n        {%- else %}\n"
+    "            {{- ' [INST] ' + message['content'] + ' [/INST]' }}\n        {%- endif %}\n"
+    "    {%- elif message['role'] == 'assistant' %}\n        {{- ' ' + message['content'] + eos_token}}\n    {%- else %}\n"
+    "        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}\n"
+    "    {%- endif %}\n{%- endfor %}\n"
+)
+
+SYSTEM_TWO_TURNS = [
+    {"role": "system", "content": "You answer in one sentence."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "The capital of France is Paris."},
+    {"role": "user", "content": "And its population?"},
+    {"role": "assistant", "content": "About 2.1 million people live in Paris."},
+]
+ONE_TURN = [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}]
+WITH_TOOL = [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "tool", "content": "{\"temp_c\": -3}"},
+    {"role": "assistant", "content": "It is -3 C in Oslo."},
+]
+
+
+def as_sharegpt(messages: list[dict]) -> dict:
+    names = {"system": "system", "user": "human", "assistant": "gpt", "tool": "observation"}
+    return {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in messages]}
+
+
+def llama3_tokenizer():
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(smollm2.tokenizer_dir()))
+    tok.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
+    tok.bos_token, tok.eos_token = "<|begin_of_text|>", "<|eot_id|>"
+    return tok
+
+
+def preprocess(tmp_path: Path, tokenizer, template: str | None, records: list[dict]):
+    """Run the tool on `records`; returns [(ids, roles)] read back with megatron-core's IndexedDataset."""
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    template_file = None
+    if template is not None:
+        template_file = tmp_path / "template.jinja"
+        template_file.write_text(template)
+    prefix = str(tmp_path / "chat")
+    report = run(PreprocessConfig([str(data)], prefix, "in-memory", chat_template=template_file and str(template_file), progress=False), tokenizer=tokenizer)
+    tokens, roles = IndexedDataset(prefix + "_tokens"), IndexedDataset(prefix + "_roles")
+    return [(tokens[i].tolist(), roles[i].tolist()) for i in range(len(tokens))], report
+
+
+def runs(tokenizer, ids: list[int], roles: list[int]) -> list[tuple[int, str]]:
+    """(role, decoded text) of each maximal run of tokens with the same role."""
+    out, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or roles[i] != roles[start]:
+            out.append((roles[start], tokenizer.decode(ids[start:i])))
+            start = i
+    return out
+
+
+CASES = {
+    "chatml-smollm2": (
+        smollm2.load_tokenizer, None,
+        [SYSTEM_TWO_TURNS, ONE_TURN, WITH_TOOL],
+        [
+            [(P, "<|im_start|>system\n"), (S, "You answer in one sentence."), (P, "<|im_end|>\n<|im_start|>user\n"),
+             (U, "What is the capital of France?"), (P, "<|im_end|>\n<|im_start|>assistant\n"),
+             (R, "The capital of France is Paris.<|im_end|>"), (P, "\n<|im_start|>user\n"), (U, "And its population?"),
+             (P, "<|im_end|>\n<|im_start|>assistant\n"), (R, "About 2.1 million people live in Paris.<|im_end|>"), (P, "\n")],
+            # SmolLM2's template adds its default system prompt: scaffolding, not a system message.
+            [(P, "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n"),
+             (U, "Name a prime."), (P, "<|im_end|>\n<|im_start|>assistant\n"), (R, "Seven.<|im_end|>"), (P, "\n")],
+            [(P, "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n"),
+             (U, "Weather in Oslo?"), (P, "<|im_end|>\n<|im_start|>tool\n"), (T, "{\"temp_c\": -3}"),
+             (P, "<|im_end|>\n<|im_start|>assistant\n"), (R, "It is -3 C in Oslo.<|im_end|>"), (P, "\n")],
+        ],
+    ),
+    "llama3": (
+        llama3_tokenizer, LLAMA3_TEMPLATE,
+        [SYSTEM_TWO_TURNS, ONE_TURN, WITH_TOOL],
+        [
+            [(P, "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"), (S, "You answer in one sentence."),
+             (P, "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"), (U, "What is the capital of France?"),
+             (P, "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"), (R, "The capital of France is Paris.<|eot_id|>"),
+             (P, "<|start_header_id|>user<|end_header_id|>\n\n"), (U, "And its population?"),
+             (P, "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"), (R, "About 2.1 million people live in Paris.<|eot_id|>")],
+            [(P, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"), (U, "Name a prime."),
+             (P, "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"), (R, "Seven.<|eot_id|>")],
+            [(P, "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n"), (U, "Weather in Oslo?"),
+             (P, "<|eot_id|><|start_header_id|>tool<|end_header_id|>\n\n"), (T, "{\"temp_c\": -3}"),
+             (P, "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"), (R, "It is -3 C in Oslo.<|eot_id|>")],
+        ],
+    ),
+    "mistral": (
+        mistral.load_tokenizer, MISTRAL_TEMPLATE,
+        [SYSTEM_TWO_TURNS, ONE_TURN],
+        [
+            # The template folds the system prompt into the first [INST] block; it is still labelled system.
+            [(P, "<s> [INST]"), (S, "You answer in one sentence."), (P, "\n\n"), (U, "What is the capital of France?"),
+             (P, "[/INST]"), (R, "The capital of France is Paris.</s>"), (P, "[INST]"), (U, "And its population?"),
+             (P, "[/INST]"), (R, "About 2.1 million people live in Paris.</s>")],
+            [(P, "<s> [INST]"), (U, "Name a prime."), (P, "[/INST]"), (R, "Seven.</s>")],
+        ],
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_chat_ids_and_roles(tmp_path, case):
+    load, template, conversations, expected_runs = CASES[case]
+    tokenizer = load()
+    records = [{"messages": c} for c in conversations] + [as_sharegpt(c) for c in conversations]
+    written, report = preprocess(tmp_path, tokenizer, template, records)
+    assert len(written) == len(records) and report.formats == {"chat": len(conversations), "sharegpt": len(conversations)}
+    for conversation, (ids, roles), expected in zip(conversations, written, expected_runs):
+        assert ids == tokenizer.apply_chat_template(conversation, chat_template=template, tokenize=True, return_dict=False)
+        assert runs(tokenizer, ids, roles) == expected
+    # ShareGPT records are the same conversations: same ids, same roles.
+    assert written[len(conversations):] == written[: len(conversations)]
+
+
+def test_mistral_ids_equal_mistral_common():
+    """Mistral's own encoder (mistral-common, fine-tuning mode) gives the same ids as the template path."""
+    from mistral_common.protocol.instruct.request import ChatCompletionRequest
+    from mistral_common.protocol.instruct.validator import ValidationMode
+    from mistral_common.tokens.tokenizers.mistral import MistralTokenizer
+
+    from wit_megatron.data.formats import parse_record
+    from wit_megatron.data.tokenize import ChatEncoder
+
+    reference = MistralTokenizer.from_file(str(mistral.sentencepiece_path()), mode=ValidationMode.finetuning)
+    encoder = ChatEncoder(mistral.load_tokenizer(), MISTRAL_TEMPLATE)
+    for messages in (SYSTEM_TWO_TURNS[1:], ONE_TURN):
+        expected = reference.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
+        assert encoder.encode(parse_record({"messages": messages})).ids.tolist() == expected
