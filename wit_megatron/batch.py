@@ -74,7 +74,9 @@ def get_batch(
             -1 on padding. Needed on TP rank 0 only.
         vp_stage: the model chunk (virtual pipeline stage) the batch is for, or None without VPP.
 
-    Returns a dict with every key of BATCH_KEYS; keys this stage does not use are None.
+    Returns a dict with every key of BATCH_KEYS; keys this stage does not use, or that the source
+    did not provide (`loss_weights`, `response_mask`, `position_ids`, `document_ids` are optional
+    here; the WIT loss itself requires `loss_weights`), are None.
     """
     from megatron.core import parallel_state as ps
 
@@ -90,10 +92,10 @@ def get_batch(
         if data_iterator is None:
             raise ValueError("tensor-parallel rank 0 needs a data iterator")
         source = next(data_iterator)
-        missing = [k for k in ("tokens", "labels", "loss_mask", "loss_weights") if k in keys and source.get(k) is None]
+        missing = [k for k in ("tokens", "labels", "loss_mask") if k in keys and source.get(k) is None]
         if missing:
             raise KeyError(f"micro-batch lacks {missing}; it has {sorted(k for k, v in source.items() if v is not None)}")
-        if "loss_weights" in keys:
+        if source.get("loss_weights") is not None and "loss_weights" in keys:
             check_loss_weights(source["loss_weights"])  # on the host, before any device transfer
         header = _encode_header(source, keys).to(device)
         if tp_size > 1:

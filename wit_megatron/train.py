@@ -35,6 +35,8 @@ def forward_step(data_iterator: Optional[Iterator[dict]], model: torch.nn.Module
 
 
 def _loss_func(batch: dict, per_token_nll: torch.Tensor):
+    if batch["loss_weights"] is None:
+        raise KeyError("the micro-batch has no 'loss_weights': the WIT loss needs float per-token weights")
     return wit_loss(per_token_nll, batch["loss_weights"], batch["loss_mask"], batch["response_mask"], check=False)
 
 
@@ -63,6 +65,7 @@ def forward_backward(
     micro_batch_size: int,
     seq_length: int,
     forward_only: bool = False,
+    forward_step_func=forward_step,
 ) -> dict[str, float]:
     """One global batch through Megatron's schedule. Gradients land in each param's `main_grad`,
     already divided by the global N. Returns the reduced report (see `reduce_reports`), identical on
@@ -73,7 +76,7 @@ def forward_backward(
     for chunk in model:
         chunk.zero_grad_buffer()
     reports = get_forward_backward_func()(
-        forward_step_func=forward_step,
+        forward_step_func=forward_step_func,
         data_iterator=list(data_iterators) if len(model) > 1 else data_iterators[0],
         model=list(model) if len(model) > 1 else model[0],
         num_microbatches=num_microbatches,

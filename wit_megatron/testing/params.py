@@ -17,11 +17,24 @@ import torch
 from wit_megatron.train import unwrap
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
+# Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear layer.
+_TE_TO_LOCAL = {
+    "self_attention.linear_qkv.layer_norm_weight": "input_layernorm.weight",
+    "mlp.linear_fc1.layer_norm_weight": "pre_mlp_layernorm.weight",
+}
+
+
+def _local_name(name: str) -> str:
+    for te, local in _TE_TO_LOCAL.items():
+        if name.endswith(te):
+            return name[: -len(te)] + local
+    return name
 
 
 def named_full_params(chunks: Sequence[torch.nn.Module]) -> Iterator[tuple[str, torch.nn.Parameter]]:
     """(full name, local parameter) for every parameter of this rank's model chunks.
 
+    Full names use the local layer spec's naming, also for a Transformer Engine model.
     Marks gated-MLP fc1 parameters with `_wit_glu = True` (see the module docstring)."""
     for chunk in chunks:
         model = unwrap(chunk)
@@ -30,7 +43,7 @@ def named_full_params(chunks: Sequence[torch.nn.Module]) -> Iterator[tuple[str, 
         gated = model.config.gated_linear_unit
         for name, param in model.named_parameters():
             param._wit_glu = gated and ".mlp.linear_fc1." in name and not name.endswith("layer_norm_weight")
-            yield _LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name), param
+            yield _local_name(_LAYER.sub(lambda m: f"decoder.layers.{int(m.group(1)) + offset}.", name)), param
 
 
 def _tp():
