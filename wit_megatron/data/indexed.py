@@ -125,4 +125,5 @@ def _flat(path_prefix: str, dtype, count: int) -> np.ndarray:
         raise ValueError(f"{path} has {os.path.getsize(path)} bytes, its index describes {expected}")
     if count == 0:
         return np.zeros(0, dtype=dtype)
-    return np.memmap(path, dtype=dtype, mode="r", shape=(count,))
+    # A plain ndarray view of the map: slicing it is several times cheaper than slicing a np.memmap.
+    return np.asarray(np.memmap(path, dtype=dtype, mode="r", shape=(count,)))

@@ -47,3 +47,13 @@ def save_distributed_checkpoint(sharded_state_dict: dict, directory) -> None:
         common = dist_checkpointing.load_common_state_dict(str(directory))
         torch.save(common, Path(directory) / "common.pt")  # 0.16's COMMON_STATE_FNAME
     torch.distributed.barrier()
+
+
+@lru_cache(maxsize=None)
+def blended_dataset_caches_without_process_group() -> bool:
+    """Whether BlendedDataset can cache its indices (config.path_to_cache set) in a process without
+    torch.distributed. 0.16 calls `torch.distributed.get_rank()` unguarded there and raises; 0.19
+    checks `is_initialized()` first. Decided from the code itself, not a version number."""
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+
+    return "is_initialized" in inspect.getsource(BlendedDataset._build_indices)

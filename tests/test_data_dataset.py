@@ -1,0 +1,194 @@
+"""WITDataset through megatron-core's BlendedMegatronDatasetBuilder on real preprocessed data
+(HumanEval, SmolLM2 tokenizer): λ at load time, packing, truncation, determinism, blends.
+Every expected sample is rebuilt here from the authors' formula (test_data_preprocess.authors_reference)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.test_data_preprocess import authors_reference, humaneval, write_jsonl
+from wit_megatron.data.dataset import WITDataset, WITDatasetConfig, build_datasets
+from wit_megatron.data.preprocess import PreprocessConfig, run
+from wit_megatron.roles import RoleWeights
+from wit_megatron.testing import smollm2
+
+KEYS = ("tokens", "labels", "loss_mask", "loss_weights", "response_mask", "position_ids")
+
+
+@pytest.fixture(scope="module")
+def humaneval_prefix(tmp_path_factory) -> tuple[str, list[tuple[list[int], int]]]:
+    """The preprocessed HumanEval prefix and, per record, the reference (ids, boundary)."""
+    tmp = tmp_path_factory.mktemp("he")
+    records = humaneval()
+    prefix = str(tmp / "he")
+    run(PreprocessConfig([write_jsonl(tmp / "he.jsonl", records)], prefix, str(smollm2.tokenizer_dir()), progress=False))
+    tokenizer = smollm2.load_tokenizer()
+    return prefix, [authors_reference(tokenizer, r) for r in records]
+
+
+def config(prefix, cache, seq_length=1024, weights=(0.2, 1.0), **kw) -> WITDatasetConfig:
+    kw.setdefault("split", "100,0,0")
+    blend = kw.pop("blend", ([prefix] if isinstance(prefix, str) else prefix, None))
+    return WITDatasetConfig(random_seed=kw.pop("seed", 1234), sequence_length=seq_length, blend=blend,
+                            role_weights=RoleWeights(*weights), path_to_cache=str(cache), **kw)
+
+
+def reference_sample(ids: list[int], boundary: int, weights, seq_length: int) -> dict[str, list]:
+    """One record alone, padded: targets shifted by one, target t weighted by its token's role."""
+    n = len(ids) - 1
+    pad = seq_length - n
+    w = [weights[0] if t < boundary else weights[1] for t in range(1, len(ids))]
+    return {
+        "tokens": ids[:-1] + [0] * pad,
+        "labels": ids[1:] + [0] * pad,
+        "loss_mask": [1.0] * n + [0.0] * pad,
+        "loss_weights": [float(np.float32(x)) for x in w] + [0.0] * pad,
+        "response_mask": [t >= boundary for t in range(1, len(ids))] + [False] * pad,
+        "position_ids": list(range(n)) + [0] * pad,
+    }
+
+
+def as_lists(sample: dict) -> dict[str, list]:
+    return {k: sample[k].tolist() for k in KEYS}
+
+
+def test_unpacked_samples_apply_lambda_at_load_time(humaneval_prefix, tmp_path):
+    prefix, reference = humaneval_prefix
+    by_first_ids = {tuple(ids[:-1]): (ids, b) for ids, b in reference}
+    for weights in [(0.2, 1.0), (0.0, 1.0), (1.0, 0.6)]:
+        (train, _, _) = build_datasets(config(prefix, tmp_path, weights=weights, packing=False), [None, None, None])
+        assert len(train) == len(reference)
+        seen = set()
+        for i in range(len(train)):
+            sample = train[i]
+            n = int(sample["loss_mask"].sum())
+            ids, b = by_first_ids[tuple(sample["tokens"][:n].tolist())]
+            assert as_lists(sample) == reference_sample(ids, b, weights, 1024), i
+            assert "document_ids" not in sample
+            seen.add(tuple(ids))
+        assert len(seen) == len(reference)  # one epoch: every record exactly once
+    # λ is not in the cache key: three λ, one cached index.
+    assert len(list(tmp_path.glob("*-sample_records.npy"))) == 1
+
+
+def test_per_role_weights_beyond_prompt_and_response(tmp_path):
+    """A chat dataset: λ_system, λ_user, λ_tool apply to exactly the tokens stored with those roles."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from tests.test_data_chat import SYSTEM_TWO_TURNS, WITH_TOOL
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": m}) + "\n" for m in (SYSTEM_TWO_TURNS, WITH_TOOL)))
+    prefix = str(tmp_path / "chat")
+    run(PreprocessConfig([str(data)], prefix, str(smollm2.tokenizer_dir()), progress=False))
+    lam = {0: 0.1, 1: 1.0, 2: 0.3, 3: 0.5, 4: 0.7}  # prompt, response, system, user, tool
+    (train, _, _) = build_datasets(config(prefix, tmp_path, seq_length=256, weights=(0.1, 1.0, 0.3, 0.5, 0.7)), [None, None, None])
+    tokens, roles = IndexedDataset(prefix + "_tokens"), IndexedDataset(prefix + "_roles")
+    expected = {tuple(tokens[i].tolist()[:-1]): [float(np.float32(lam[r])) for r in roles[i].tolist()[1:]] for i in range(len(tokens))}
+    (sample,) = [train[i] for i in range(len(train))]  # both conversations fit in one packed sequence
+    for d in range(2):
+        seg = sample["document_ids"] == d
+        got = sample["loss_weights"][seg].tolist()
+        assert got == expected[tuple(sample["tokens"][seg].tolist())]
+        assert set(got) >= {float(np.float32(x)) for x in (0.1, 1.0, 0.5, 0.3 if d == 0 else 0.7)}
+
+
+def test_packing_isolates_records_and_reports_padding(humaneval_prefix, tmp_path):
+    prefix, reference = humaneval_prefix
+    seq_length = 1024
+    (packed, _, _) = build_datasets(config(prefix, tmp_path, seq_length=seq_length), [None, None, None])
+    by_first_ids = {tuple(ids[:-1]): (ids, b) for ids, b in reference}
+    seen, filled = [], 0
+    for i in range(len(packed)):
+        sample = packed[i]
+        doc = sample["document_ids"]
+        n_docs = int(doc.max()) + 1
+        assert torch.equal(doc[doc >= 0], torch.repeat_interleave(torch.arange(n_docs), torch.bincount(doc[doc >= 0])))
+        assert bool((doc[int((doc >= 0).sum()):] == -1).all())  # padding only at the end
+        for d in range(n_docs):
+            seg = doc == d
+            piece = {k: sample[k][seg].tolist() for k in KEYS}
+            ids, b = by_first_ids[tuple(piece["tokens"])]
+            expected = reference_sample(ids, b, (0.2, 1.0), len(ids) - 1)  # no padding
+            assert piece == expected
+            seen.append(tuple(ids))
+        filled += int(sample["loss_mask"].sum())
+        assert float(sample["loss_weights"][doc == -1].abs().sum()) == 0.0
+    assert sorted(seen) == sorted(tuple(ids) for ids, _ in reference)  # every record exactly once
+    padding = 1 - filled / (len(packed) * seq_length)
+    assert packed.stats["padding_fraction"] == pytest.approx(padding, abs=1e-6)
+    total = sum(len(ids) - 1 for ids, _ in reference)
+    assert len(packed) <= -(-total // seq_length) + 1  # within one bin of the lower bound ceil(total / s)
+
+
+def test_load_time_truncation(humaneval_prefix, tmp_path):
+    """Records longer than seq_length + 1 are cut like preprocessing cuts them (keep the response)."""
+    prefix, reference = humaneval_prefix
+    seq_length = 127
+    (train, _, _) = build_datasets(config(prefix, tmp_path, seq_length=seq_length, packing=False), [None, None, None])
+    expected = []
+    for ids, b in reference:
+        roles = [0] * b + [1] * (len(ids) - b)
+        if len(ids) > seq_length + 1:
+            if len(ids) - b <= seq_length:
+                keep = [0] + list(range(len(ids) - seq_length, len(ids)))
+            else:
+                keep = [0] + list(range(b, b + seq_length))
+            ids, roles = [ids[k] for k in keep], [roles[k] for k in keep]
+        expected.append((ids[:-1], ids[1:], roles[1:]))
+    got = []
+    for i in range(len(train)):
+        s = train[i]
+        n = int(s["loss_mask"].sum())
+        got.append((s["tokens"][:n].tolist(), s["labels"][:n].tolist(), s["response_mask"][:n].long().tolist()))
+    assert sorted(got) == sorted(expected)
+    assert train.stats["records_truncated"] == sum(len(ids) > seq_length + 1 for ids, _ in reference) > 100
+
+
+def test_deterministic_order_and_resumption(humaneval_prefix, tmp_path):
+    prefix, _ = humaneval_prefix
+    n = 500  # several epochs
+    a = build_datasets(config(prefix, tmp_path / "a", seq_length=512), [n, None, None])[0]
+    b = build_datasets(config(prefix, tmp_path / "b", seq_length=512), [n, None, None])[0]  # fresh cache, same seed
+    c = build_datasets(config(prefix, tmp_path / "a", seq_length=512), [n, None, None])[0]  # cache hit
+    other = build_datasets(config(prefix, tmp_path / "c", seq_length=512, seed=7), [n, None, None])[0]
+    assert len(a) >= n and len(a) == len(b) == len(c)
+    samples = [a[i] for i in range(len(a))]
+    for ds in (b, c):
+        # resuming at any iteration k reads the samples an uninterrupted run would have read
+        for k in (0, 1, 137, len(a) - 1):
+            assert all(torch.equal(samples[k][key], ds[k][key]) for key in samples[k])
+    assert any(not torch.equal(samples[k]["tokens"], other[k]["tokens"]) for k in range(10))
+    epochs = [np.concatenate([a.sample_records[a.sample_offsets[i]:a.sample_offsets[i + 1]] for i in range(lo, hi)])
+              for lo, hi in [(0, 10), (len(a) - 10, len(a))]]
+    assert not np.array_equal(epochs[0], epochs[1])  # each epoch is shuffled afresh
+
+
+def test_blend_with_weights_and_splits(humaneval_prefix, tmp_path):
+    """Two datasets blended 0.3 / 0.7 with a 90/10 split, as Megatron users set it up."""
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+
+    prefix, _ = humaneval_prefix
+    other = str(tmp_path / "copy")
+    for suffix in ("_tokens.bin", "_tokens.idx", "_roles.bin", "_roles.idx", ".meta.json"):
+        Path(other + suffix).write_bytes(Path(prefix + suffix).read_bytes())
+    cfg = config(prefix, tmp_path, seq_length=256, blend=([prefix, other], [0.3, 0.7]), split="90,10,0")
+    train, valid, test = build_datasets(cfg, [200, 20, 0])
+    assert isinstance(train, BlendedDataset) and len(train) == 200 and len(valid) == 20 and test is None  # split 0 -> None
+    ids = np.array([int(train[i]["dataset_id"]) for i in range(len(train))])
+    assert abs((ids == 0).mean() - 0.3) < 0.02
+    mids = train.datasets
+    assert all(isinstance(d, WITDataset) for d in mids)
+    # a blended sample is its mid-level dataset's sample
+    for i in (0, 5, 99):
+        s = train[i]
+        ref = mids[train.dataset_index[i]][train.dataset_sample_index[i]]
+        assert all(torch.equal(s[k], ref[k]) for k in ref)
+    # train and valid records are disjoint (split by record)
+    train_records = set(mids[0].indices.tolist())
+    assert not train_records & set(valid.datasets[0].indices.tolist())

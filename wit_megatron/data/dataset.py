@@ -1,0 +1,273 @@
+"""The WIT dataset: a megatron-core MegatronDataset over preprocessed tokens + role codes.
+
+Built by megatron-core's BlendedMegatronDatasetBuilder (`build_datasets`), so blends with weights,
+train/valid/test splits, seeds and index caching behave as in Megatron. λ is applied here, at load
+time, from the stored role codes: one preprocessing run serves a whole λ sweep, and the cached
+sample index does not depend on λ.
+
+A sample is a dict of 1-D tensors of length s = sequence_length:
+    tokens        int64    input ids
+    labels        int64    target ids (each record's ids shifted by one)
+    loss_mask     float32  1 on real targets, 0 on padding
+    loss_weights  float32  λ[role of the target token], 0 on padding
+    response_mask bool     the target is a response token
+    position_ids  int64    0, 1, ... restarting at each record
+    document_ids  int64    (packing only) index of the record within the sequence, -1 on padding
+
+A record of n tokens fills n - 1 positions (its last token is only a target, its first only an input).
+Packing (default) puts several records in one sequence, best-fit decreasing per epoch; attention is
+isolated per record from `document_ids` (batch.packed_attention_mask / packed_seq_params), so each
+token's loss equals its loss unpacked. Without packing a sample is one record and causal attention
+needs no mask. Records longer than s + 1 tokens are cut at load time by `truncation`
+(tokenize.truncation_window, the same rule as preprocessing).
+
+Sample order is a pure function of (seed, split, sequence_length, packing, truncation, num_samples):
+the same on every run, and sample i is the same whether or not training resumed before it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatronDatasetConfig
+from megatron.core.datasets.megatron_dataset import MegatronDataset
+from megatron.core.datasets.utils import Split
+
+from wit_megatron.data.indexed import WITIndexedData
+from wit_megatron.data.tokenize import TRUNCATION_POLICIES, TruncationPolicy, truncation_window
+from wit_megatron.roles import Role, RoleWeights
+
+logger = logging.getLogger(__name__)
+
+_PAD_ROLE = 255  # role code of padding targets inside a sample; its λ is 0
+
+
+@dataclass
+class WITDatasetConfig(BlendedMegatronDatasetConfig):
+    """Megatron's dataset config plus WIT's load-time settings (`blend` prefixes are preprocessing
+    output prefixes)."""
+
+    role_weights: Optional[RoleWeights] = None
+    """λ per role; required. Not part of the index cache key: a λ sweep reuses one index."""
+
+    packing: bool = True
+    """Several records per sequence, attention isolated per record."""
+
+    truncation: TruncationPolicy = "keep_response"
+    """How records longer than sequence_length + 1 tokens are cut at load time."""
+
+    pad_token_id: int = 0
+    """Input/label id written on padding positions (always masked out of the loss)."""
+
+    index_cache_dir: Optional[str] = None
+    """Where WITDataset caches its sample index; default: path_to_cache, else `cache/` next to the data."""
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.mock:
+            raise ValueError("WITDatasetConfig needs `blend` or `blend_per_split` (preprocessed prefixes); there is no mock WIT data")
+        if not isinstance(self.role_weights, RoleWeights):
+            raise TypeError(f"role_weights must be a wit_megatron.roles.RoleWeights, got {self.role_weights!r}")
+        if self.truncation not in TRUNCATION_POLICIES:
+            raise ValueError(f"truncation {self.truncation!r}: choose one of {TRUNCATION_POLICIES}")
+        if self.sequence_length < 1:
+            raise ValueError(f"sequence_length must be >= 1, got {self.sequence_length}")
+
+
+class WITDataset(MegatronDataset):
+    """Samples of one preprocessed prefix and split (see the module docstring for their layout)."""
+
+    def __init__(
+        self,
+        dataset: WITIndexedData,
+        dataset_path: Optional[str],
+        indices: np.ndarray,
+        num_samples: Optional[int],
+        index_split: Split,
+        config: WITDatasetConfig,
+    ) -> None:
+        super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
+        self.data = dataset
+        self.seq_length = config.sequence_length
+        self.weight_of_role = np.zeros(256, dtype=np.float32)
+        self.weight_of_role[: len(Role)] = config.role_weights.table().numpy()
+        self._positions = np.arange(self.seq_length, dtype=np.int64)
+        index = self._load_or_build_index()
+        self.sample_offsets = index["sample_offsets"]  # [num_samples + 1] into sample_records
+        self.sample_records = index["sample_records"]  # record ids, sample after sample
+        self.window_start = index["window_start"]  # [len(data)] a: a record keeps token 0 and [a, b)
+        self.window_end = index["window_end"]  # [len(data)] b
+        self.stats = self._stats()
+        logger.info("%s %s: %s", type(self).__name__, index_split.name, self.stats)
+
+    @staticmethod
+    def numel_low_level_dataset(low_level_dataset: WITIndexedData) -> int:
+        return len(low_level_dataset)
+
+    @staticmethod
+    def build_low_level_dataset(dataset_path: str, config: WITDatasetConfig) -> WITIndexedData:
+        return WITIndexedData(dataset_path, mmap=config.mmap_bin_files)
+
+    @staticmethod
+    def _key_config_attributes() -> list[str]:
+        return ["random_seed", "sequence_length", "split", "split_matrix", "packing", "truncation"]
+
+    def __len__(self) -> int:
+        return len(self.sample_offsets) - 1
+
+    def __getitem__(self, idx: Optional[int]) -> dict[str, torch.Tensor]:
+        """Sample `idx`; None gives an all-padding sample (Megatron's batch padding)."""
+        s = self.seq_length
+        tokens = np.full(s, self.config.pad_token_id, dtype=np.int64)
+        labels = np.full(s, self.config.pad_token_id, dtype=np.int64)
+        roles = np.full(s, _PAD_ROLE, dtype=np.uint8)
+        position_ids = np.zeros(s, dtype=np.int64)
+        document_ids = np.full(s, -1, dtype=np.int64)
+        records = () if idx is None else self.sample_records[self.sample_offsets[idx] : self.sample_offsets[idx + 1]]
+        flat_ids, flat_roles, starts = self.data.tokens, self.data.roles, self.data.starts
+        pos = 0
+        for j, record in enumerate(records):
+            first, a, b = starts[record], self.window_start[record], self.window_end[record]
+            n = b - a  # inputs: token 0 and [a, b - 1); targets: [a, b)
+            tokens[pos] = flat_ids[first]
+            tokens[pos + 1 : pos + n] = flat_ids[first + a : first + b - 1]
+            labels[pos : pos + n] = flat_ids[first + a : first + b]
+            roles[pos : pos + n] = flat_roles[first + a : first + b]
+            position_ids[pos : pos + n] = self._positions[:n]
+            document_ids[pos : pos + n] = j
+            pos += n
+        sample = {
+            "tokens": torch.from_numpy(tokens),
+            "labels": torch.from_numpy(labels),
+            "loss_mask": torch.from_numpy((roles != _PAD_ROLE).astype(np.float32)),
+            "loss_weights": torch.from_numpy(self.weight_of_role[roles]),
+            "response_mask": torch.from_numpy(roles == Role.RESPONSE),
+            "position_ids": torch.from_numpy(position_ids),
+        }
+        if self.config.packing:
+            sample["document_ids"] = torch.from_numpy(document_ids)
+        return sample
+
+    # ---- the sample index ----------------------------------------------------------------
+
+    def _windows(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per record (all of the low-level dataset): the kept window [a, b) after load-time truncation."""
+        lengths = self.data.lengths
+        start = np.ones(len(lengths), dtype=np.int64)
+        end = lengths.copy()
+        for record in np.flatnonzero(lengths[self.indices] > self.seq_length + 1):
+            record = self.indices[record]
+            _, roles = self.data.get(record)
+            start[record], end[record] = truncation_window(np.asarray(roles), self.seq_length + 1, self.config.truncation)
+        return start, end
+
+    def _build_index(self) -> dict[str, np.ndarray]:
+        window_start, window_end = self._windows()
+        sizes = window_end - window_start  # positions each record fills
+        if np.any(sizes[self.indices] < 1):
+            bad = self.indices[np.flatnonzero(sizes[self.indices] < 1)[0]]
+            raise ValueError(f"{self.dataset_path}: record {bad} has fewer than 2 tokens")
+        rng = np.random.RandomState(self.config.random_seed)
+        samples: list[np.ndarray] = []
+        while True:  # one epoch per pass: every record once, in a fresh order
+            order = self.indices[rng.permutation(len(self.indices))]
+            if self.config.packing:
+                bins = _best_fit_decreasing(order, sizes, self.seq_length)
+                samples.extend(bins[i] for i in rng.permutation(len(bins)))
+            else:
+                samples.extend(order[:, None])
+            if self.num_samples is None or len(samples) >= self.num_samples or not len(self.indices):
+                break
+        offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+        np.cumsum([len(x) for x in samples], out=offsets[1:])
+        records = np.concatenate(samples).astype(np.int32) if samples else np.zeros(0, dtype=np.int32)
+        return {"sample_offsets": offsets, "sample_records": records, "window_start": window_start, "window_end": window_end}
+
+    def _cache_dir(self) -> str:
+        for directory in (self.config.index_cache_dir, self.config.path_to_cache):
+            if directory:
+                return directory
+        return os.path.join(os.path.dirname(os.path.abspath(self.dataset_path)), "cache", f"{type(self).__name__}_indices")
+
+    def _load_or_build_index(self) -> dict[str, np.ndarray]:
+        """Megatron's caching scheme: files named by the hash of the unique description; rank 0 writes,
+        the others read after the builder's barrier. A rank that finds no cache builds the same index
+        itself (it is deterministic) rather than fail."""
+        base = os.path.join(self._cache_dir(), f"{self.unique_description_hash}-{type(self).__name__}-{self.index_split.name}")
+        names = ("sample_offsets", "sample_records", "window_start", "window_end")
+        paths = {name: f"{base}-{name}.npy" for name in names}
+        if all(os.path.isfile(p) for p in paths.values()) and os.path.isfile(f"{base}-description.txt"):
+            return {name: np.load(path, mmap_mode="r") for name, path in paths.items()}
+        index = self._build_index()
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
+            os.makedirs(self._cache_dir(), exist_ok=True)
+            for name, path in paths.items():
+                tmp = f"{path}.tmp{os.getpid()}.npy"
+                np.save(tmp, index[name])
+                os.replace(tmp, path)
+            with open(f"{base}-description.txt", "w") as f:  # written last: marks the cache complete
+                f.write(self.unique_description)
+        return index
+
+    def _stats(self) -> dict:
+        sizes = (np.asarray(self.window_end) - np.asarray(self.window_start))[self.sample_records]
+        lengths = self.data.lengths[self.indices]
+        total = max(1, len(self) * self.seq_length)
+        return {
+            "samples": len(self),
+            "records": len(self.indices),
+            "records_per_sample": round(len(self.sample_records) / max(1, len(self)), 3),
+            "padding_fraction": round(1.0 - float(sizes.sum()) / total, 6),
+            "records_truncated": int((lengths > self.seq_length + 1).sum()),
+        }
+
+
+def _best_fit_decreasing(records: np.ndarray, sizes: np.ndarray, capacity: int) -> list[np.ndarray]:
+    """Pack `records` (sizes[record] positions each, all <= capacity) into bins of `capacity`:
+    largest first, each into the open bin it fills most tightly. Ties keep the order of `records`,
+    so a seeded order gives a deterministic packing. Returns the bins' record arrays."""
+    order = records[np.argsort(-sizes[records], kind="stable")]
+    bins: list[list[int]] = []
+    open_by_room: list[list[int]] = [[] for _ in range(capacity + 1)]  # room left -> open bins
+    has_room = np.zeros(capacity + 1, dtype=bool)
+    for record in order.tolist():
+        size = int(sizes[record])
+        fits = np.flatnonzero(has_room[size:])
+        if len(fits):
+            room = size + int(fits[0])
+            b = open_by_room[room].pop()
+            has_room[room] = bool(open_by_room[room])
+        else:
+            room, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(record)
+        left = room - size
+        if left > 0:
+            open_by_room[left].append(b)
+            has_room[left] = True
+    return [np.asarray(x, dtype=np.int64) for x in bins]
+
+
+def build_datasets(
+    config: WITDatasetConfig,
+    sizes: Sequence[Optional[int]],
+    is_built_on_rank: Callable[[], bool] = lambda: True,
+) -> list[Optional[torch.utils.data.Dataset]]:
+    """[train, valid, test] datasets (None for an empty split) through megatron-core's builder.
+    `sizes`: samples wanted per split (None: one epoch)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+    from wit_megatron.runtime import compat
+
+    if config.path_to_cache and not torch.distributed.is_initialized() and not compat.blended_dataset_caches_without_process_group():
+        # This megatron-core cannot cache blend indices without a process group: keep caching the
+        # WIT sample indices, rebuild the (cheap) blend indices each time.
+        logger.info("megatron-core %s: blend indices are not cached in a process without torch.distributed", compat.megatron_core_version())
+        config = dataclasses.replace(config, path_to_cache=None, index_cache_dir=config.index_cache_dir or config.path_to_cache)
+    return BlendedMegatronDatasetBuilder(WITDataset, list(sizes), is_built_on_rank, config).build()
