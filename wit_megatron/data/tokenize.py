@@ -50,19 +50,19 @@ class Encoded:
         return len(self.ids)
 
 
-def _fast_backend(tokenizer):
-    """A private copy of the tokenizer's Rust backend, set up as `tokenizer.__call__` sets it up for
-    plain calls (no truncation, no padding, same special-token splitting), or None for slow tokenizers."""
+def _plain_call_backend(tokenizer):
+    """The tokenizer's Rust backend in the state `tokenizer.__call__` puts it in for a plain call
+    (no truncation, no padding, the tokenizer's special-token splitting), or None for slow tokenizers.
+    Like __call__, this sets that state on the shared backend rather than on a copy."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         return None
-    from tokenizers import Tokenizer
-
-    copy = Tokenizer.from_str(backend.to_str())
-    copy.no_truncation()
-    copy.no_padding()
-    copy.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
-    return copy
+    if backend.truncation is not None:
+        backend.no_truncation()
+    if backend.padding is not None:
+        backend.no_padding()
+    backend.encode_special_tokens = bool(getattr(tokenizer, "split_special_tokens", False))
+    return backend
 
 
 class PaperEncoder:
@@ -74,7 +74,6 @@ class PaperEncoder:
         self.tokenizer = tokenizer
         self.append_eos = append_eos
         self.eos_text = tokenizer.eos_token
-        self._backend = _fast_backend(tokenizer)
 
     def texts(self, record: PaperRecord) -> tuple[str, str]:
         """(prompt text, prompt + " " + response text) exactly as the authors build them."""
@@ -87,9 +86,12 @@ class PaperEncoder:
         return prompt, prompt + " " + response
 
     def _encode_texts(self, texts: list[str]) -> list[list[int]]:
-        if self._backend is None:
+        """`tokenizer(texts).input_ids`, through the Rust backend directly when there is one: the same
+        ids without building offsets and a BatchEncoding."""
+        backend = _plain_call_backend(self.tokenizer)
+        if backend is None:
             return self.tokenizer(texts)["input_ids"]
-        encode = getattr(self._backend, "encode_batch_fast", self._backend.encode_batch)
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
         return [e.ids for e in encode(texts, add_special_tokens=True)]
 
     def encode_batch(self, records: Sequence[PaperRecord]) -> list[Union[Encoded, RecordError]]:
