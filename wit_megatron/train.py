@@ -9,7 +9,6 @@ import torch
 
 from wit_megatron.batch import get_batch, packed_attention_mask, packed_seq_params
 from wit_megatron.loss import reduce_reports, wit_loss
-from wit_megatron.model import transformer_engine_available
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -24,7 +23,7 @@ def forward_step(data_iterator: Optional[Iterator[dict]], model: torch.nn.Module
     batch = get_batch(data_iterator, vp_stage=unwrap(model).vp_stage)
     attention_mask, packed = None, None
     if batch["document_ids"] is not None:  # packed records: isolate attention per record
-        if transformer_engine_available():
+        if _uses_transformer_engine(model):
             packed = packed_seq_params(batch["document_ids"])
         else:
             attention_mask = packed_attention_mask(batch["document_ids"])
@@ -32,6 +31,14 @@ def forward_step(data_iterator: Optional[Iterator[dict]], model: torch.nn.Module
         batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"], packed_seq_params=packed
     )
     return output, partial(_loss_func, batch)
+
+
+def _uses_transformer_engine(model: torch.nn.Module) -> bool:
+    """Whether the chunk was built with TE's layer spec (THD packing) or the local one (masks)."""
+    inner = unwrap(model)
+    if not hasattr(inner, "_wit_uses_te"):
+        inner._wit_uses_te = any(type(m).__module__.startswith("megatron.core.extensions.transformer_engine") for m in inner.modules())
+    return inner._wit_uses_te
 
 
 def _loss_func(batch: dict, per_token_nll: torch.Tensor):
