@@ -122,6 +122,9 @@ def test_packing_isolates_records_and_reports_padding(humaneval_prefix, tmp_path
     assert sorted(seen) == sorted(tuple(ids) for ids, _ in reference)  # every record exactly once
     padding = 1 - filled / (len(packed) * seq_length)
     assert packed.stats["padding_fraction"] == pytest.approx(padding, abs=1e-6)
+    padding_sample = packed[None]  # Megatron's batch padding: nothing to learn, attention to nothing
+    assert float(padding_sample["loss_mask"].sum()) == float(padding_sample["loss_weights"].sum()) == 0.0
+    assert bool((padding_sample["document_ids"] == -1).all()) and not bool(padding_sample["response_mask"].any())
     total = sum(len(ids) - 1 for ids, _ in reference)
     assert len(packed) <= -(-total // seq_length) + 1  # within one bin of the lower bound ceil(total / s)
 

