@@ -75,7 +75,7 @@ def test_paper_format_equals_the_authors_formula(tmp_path, name):
     if name == "mistral":
         assert all(t[0] == tokenizer.bos_token_id for t in tokens)
     else:  # byte-level BPE: the prompt's last newline merges across the boundary on most HumanEval records
-        assert count_rule_differs > 100
+        assert count_rule_differs > 150  # 164 of 167
 
     expected_roles = np.bincount(np.concatenate([np.array(r) for r in roles]), minlength=5)
     assert report.tokens == sum(map(len, tokens))
