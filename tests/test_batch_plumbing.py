@@ -83,5 +83,8 @@ def test_packed_attention_mask_matches_hand_written_mask():
 def test_packed_seq_params_boundaries():
     params = packed_seq_params(torch.tensor([[0, 0, 0, 1, 1, -1, -1]]))
     assert params.cu_seqlens_q.tolist() == [0, 3, 5, 7] and params.max_seqlen_q == 3
-    with pytest.raises(ValueError, match="micro-batch size 1"):
-        packed_seq_params(torch.zeros(2, 4, dtype=torch.long))
+    # A micro-batch of 2 is one flat sequence of 2*s tokens.
+    params = packed_seq_params(torch.tensor([[0, 0, 1, 1, 1, -1], [0, 0, 0, 0, 1, 1]]))
+    assert params.cu_seqlens_q.tolist() == [0, 2, 5, 6, 10, 12] and params.max_seqlen_q == 4
+    # A row starts a segment even when its first record id equals the previous row's last one.
+    assert packed_seq_params(torch.zeros(2, 3, dtype=torch.long)).cu_seqlens_q.tolist() == [0, 3, 6]

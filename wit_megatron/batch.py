@@ -134,20 +134,29 @@ def packed_attention_mask(document_ids: torch.Tensor) -> torch.Tensor:
 
 
 def packed_seq_params(document_ids: torch.Tensor):
-    """Transformer Engine THD metadata (cu_seqlens) for one packed sequence ([1, s] document_ids).
+    """Transformer Engine THD metadata (cu_seqlens) for a micro-batch of packed sequences.
 
-    Padding at the end is one more segment, so cu_seqlens covers all s tokens."""
+    `document_ids` is [b, s]; the THD layout treats the micro-batch as one flat sequence of b*s tokens
+    (see `flatten_for_thd`). A segment starts at every row start and wherever the record changes;
+    trailing padding is one more segment, so cu_seqlens covers all b*s tokens.
+    """
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    if document_ids.shape[0] != 1:
-        raise ValueError(f"packed sequences with Transformer Engine need micro-batch size 1, got {document_ids.shape[0]}")
-    ids = document_ids[0]
-    starts = torch.nonzero(ids[1:] != ids[:-1]).flatten() + 1
-    zero = torch.zeros(1, dtype=starts.dtype, device=ids.device)
-    end = torch.full((1,), ids.numel(), dtype=starts.dtype, device=ids.device)
-    cu_seqlens = torch.cat([zero, starts, end]).to(torch.int32)
+    b, s = document_ids.shape
+    flat = document_ids.reshape(-1)
+    boundary = torch.zeros_like(flat, dtype=torch.bool)
+    boundary[1:] = flat[1:] != flat[:-1]
+    boundary[::s] = True  # rows never share a segment, even when their ids agree
+    starts = torch.nonzero(boundary).flatten()
+    end = torch.full((1,), b * s, dtype=starts.dtype, device=flat.device)
+    cu_seqlens = torch.cat([starts, end]).to(torch.int32)
     max_seqlen = int((cu_seqlens[1:] - cu_seqlens[:-1]).max())
     return PackedSeqParams(
         qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
         max_seqlen_q=max_seqlen, max_seqlen_kv=max_seqlen,
     )
+
+
+def flatten_for_thd(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """[b, s] -> [1, b*s]: the one flat sequence that THD attention and `packed_seq_params` describe."""
+    return None if t is None else t.reshape(1, -1)

@@ -7,7 +7,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
-from wit_megatron.batch import get_batch, packed_attention_mask, packed_seq_params
+from wit_megatron.batch import flatten_for_thd, get_batch, packed_attention_mask, packed_seq_params
 from wit_megatron.loss import reduce_reports, wit_loss
 
 
@@ -21,15 +21,18 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
 def forward_step(data_iterator: Optional[Iterator[dict]], model: torch.nn.Module):
     """Megatron-Core `forward_step_func`: one micro-batch through one model chunk, WIT loss on the last stage."""
     batch = get_batch(data_iterator, vp_stage=unwrap(model).vp_stage)
+    tokens, position_ids, labels = batch["tokens"], batch["position_ids"], batch["labels"]
     attention_mask, packed = None, None
     if batch["document_ids"] is not None:  # packed records: isolate attention per record
         if _uses_transformer_engine(model):
+            # THD attention sees the micro-batch as one flat sequence with record boundaries.
             packed = packed_seq_params(batch["document_ids"])
+            tokens, position_ids, labels = (flatten_for_thd(t) for t in (tokens, position_ids, labels))
         else:
             attention_mask = packed_attention_mask(batch["document_ids"])
-    output = model(
-        batch["tokens"], batch["position_ids"], attention_mask, labels=batch["labels"], packed_seq_params=packed
-    )
+    output = model(tokens, position_ids, attention_mask, labels=labels, packed_seq_params=packed)
+    if packed is not None and batch["loss_weights"] is not None:
+        output = output.reshape(batch["loss_weights"].shape)  # back to [b, s] per-token losses
     return output, partial(_loss_func, batch)
 
 
