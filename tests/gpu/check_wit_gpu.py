@@ -25,7 +25,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from tests.scenarios.parity import ARCH, WEIGHT_SEED, make_batch  # noqa: E402
-from wit_megatron.batch import packed_seq_params  # noqa: E402
+from wit_megatron.batch import flatten_for_thd, packed_seq_params  # noqa: E402
 from wit_megatron.loss import wit_loss  # noqa: E402
 from wit_megatron.model import build_model, layer_spec, transformer_config  # noqa: E402
 from wit_megatron.runtime.parallel import ParallelLayout, init_distributed, init_model_parallel  # noqa: E402
@@ -110,22 +110,29 @@ def main():
     rel = abs(loss - ref_loss) / ref_loss
     report(f"bf16 {kind} spec vs fp32 reference", rel <= 2e-2, f"loss {loss:.5f} vs {ref_loss:.5f} (rel {rel:.1e})")
 
-    # 3. Packed records through TE THD attention equal the records one by one.
+    # 3. Packed records through TE THD attention equal the records one by one; a micro-batch of two
+    #    packed rows goes through flatten_for_thd like train.forward_step does.
     if have_te:
         model = model_for("te", torch.bfloat16)
-        lengths = [11, 5, 16]
-        tokens = data["tokens"][0, : sum(lengths)].unsqueeze(0)
-        labels = data["labels"][0, : sum(lengths)].unsqueeze(0)
-        doc = torch.cat([torch.full((n,), i) for i, n in enumerate(lengths)]).unsqueeze(0).to(device())
-        position = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0).to(device())
+        rows = [[11, 5, 16], [20, 12]]  # record lengths per row; each row is 32 tokens
+        seq = sum(rows[0])
+        tokens, labels = data["tokens"][:2, :seq], data["labels"][:2, :seq]
+        doc = torch.stack([torch.cat([torch.full((n,), i) for i, n in enumerate(r)]) for r in rows]).to(device())
+        position = torch.stack([torch.cat([torch.arange(n) for n in r]) for r in rows]).to(device())
         with torch.no_grad():
-            packed = model(tokens, position, None, labels=labels, packed_seq_params=packed_seq_params(doc))
-            single, start = [], 0
-            for n in lengths:
-                single.append(model(tokens[:, start : start + n], position[:, :n], None, labels=labels[:, start : start + n]))
-                start += n
-        diff = (packed.float() - torch.cat(single, dim=1).float()).abs().max().item()
-        report("packed THD vs one record at a time (bf16)", diff <= 5e-2, f"max |Δ per-token NLL| {diff:.2e}")
+            packed = model(
+                flatten_for_thd(tokens), flatten_for_thd(position), None,
+                labels=flatten_for_thd(labels), packed_seq_params=packed_seq_params(doc),
+            ).reshape(2, seq)
+            single = torch.empty_like(packed)
+            for row, lengths in enumerate(rows):
+                start = 0
+                for n in lengths:
+                    sl = slice(start, start + n)
+                    single[row, sl] = model(tokens[row : row + 1, sl], position[row : row + 1, :n], None, labels=labels[row : row + 1, sl])[0]
+                    start += n
+        diff = (packed.float() - single.float()).abs().max().item()
+        report("packed THD (2 rows) vs one record at a time (bf16)", diff <= 5e-2, f"max |Δ per-token NLL| {diff:.2e}")
 
     print("NOTE  sequence parallelism (tp >= 2) and context parallelism (cp >= 2) need 2+ GPUs: not checked here", flush=True)
     print(f"{len(FAILURES)} failed" if FAILURES else "all checks passed", flush=True)
