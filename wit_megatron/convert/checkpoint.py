@@ -220,20 +220,16 @@ def load_into_model(chunks: Sequence[torch.nn.Module], path: Path) -> tuple[set,
     from wit_megatron.train import unwrap
 
     _, directory = resolve(path)
-    missing, unexpected_per_chunk = set(), []
-    for chunk in chunks:
-        model = unwrap(chunk)
-        # megatron-core's names are the other way round: its "unexpected" keys are requested but absent
-        # from the checkpoint, its "missing" keys are in the checkpoint but requested by no rank.
-        state, not_requested, absent = dist_checkpointing.load(
-            model.sharded_state_dict(), str(directory), strict=StrictHandling.RETURN_ALL
-        )
-        model.load_state_dict(state)
-        missing |= set(absent)
-        unexpected_per_chunk.append(set(not_requested))
-    # A checkpoint key is unexpected only if no chunk requested it.
-    unexpected = set.intersection(*unexpected_per_chunk) if unexpected_per_chunk else set()
-    return missing, unexpected
+    models = [unwrap(c) for c in chunks]
+    # One load for all chunks, as Megatron-LM does: the access check counts every layer of the
+    # stacked tensors across all chunks and ranks.
+    request = {f"model{i}": model.sharded_state_dict() for i, model in enumerate(models)}
+    state, not_requested, absent = dist_checkpointing.load(request, str(directory), strict=StrictHandling.RETURN_ALL)
+    for i, model in enumerate(models):
+        model.load_state_dict(state[f"model{i}"])
+    # megatron-core's names are the other way round: its "unexpected" keys are requested but absent
+    # from the checkpoint, its "missing" keys are in the checkpoint but requested by no rank.
+    return set(absent), set(not_requested)
 
 
 @contextlib.contextmanager

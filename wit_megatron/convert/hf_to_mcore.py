@@ -102,7 +102,7 @@ def copy_assets(hf_dir: Path, dest: Path) -> None:
 
 def convert_hf_to_megatron(hf_dir: Path, out: Path, dtype: Optional[str] = None, force: bool = False,
                            vocab_multiple: Optional[int] = None, dry_run: bool = False,
-                           progress: bool = True) -> Optional[Path]:
+                           progress: bool = True, layer_spec: str = "te") -> Optional[Path]:
     """Write `out` (Megatron-LM layout, `release/`). Returns `out`, or None for a dry run (mapping printed)."""
     hf_dir, out = Path(hf_dir), Path(out)
     config = read_hf_config(hf_dir)
@@ -137,7 +137,7 @@ def convert_hf_to_megatron(hf_dir: Path, out: Path, dtype: Optional[str] = None,
         bar.update(1)
     bar.close()
 
-    record = ckpt.make_record(family_name, arch, model_dtype, config)
+    record = dict(ckpt.make_record(family_name, arch, model_dtype, config), layer_spec=layer_spec)
     state = ckpt.common_state(record, arch, model_dtype, None)
     state["model"] = sharded
     from wit_megatron.runtime.compat import save_distributed_checkpoint

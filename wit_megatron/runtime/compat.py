@@ -43,6 +43,7 @@ def save_distributed_checkpoint(sharded_state_dict: dict, directory) -> None:
     from megatron.core import dist_checkpointing
 
     dist_checkpointing.save(sharded_state_dict, str(directory))
+    _stop_writer_results_manager()
     if megatron_core_version() >= (0, 17) and torch.distributed.get_rank() == 0:
         common = dist_checkpointing.load_common_state_dict(str(directory))
         torch.save(common, Path(directory) / "common.pt")  # 0.16's COMMON_STATE_FNAME
@@ -57,3 +58,15 @@ def blended_dataset_caches_without_process_group() -> bool:
     from megatron.core.datasets.blended_dataset import BlendedDataset
 
     return "is_initialized" in inspect.getsource(BlendedDataset._build_indices)
+
+
+def _stop_writer_results_manager() -> None:
+    """Shut down the spawn-context Manager process the torch_dist writer caches for its results queue
+    (0.16 and 0.19 alike). Left running, it outlives a rank that ends with os._exit (forked test
+    ranks) and holds its parent's output pipes open; the next save starts a fresh one."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    manager = getattr(getattr(filesystem_async, "_results_queue", None), "_manager", None)
+    if manager is not None:
+        manager.shutdown()
+        filesystem_async._results_queue = None

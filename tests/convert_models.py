@@ -1,0 +1,54 @@
+"""Tiny random Hugging Face models of every supported family and edge case, built from real configs."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+BASE = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=4, max_position_embeddings=64,
+            rms_norm_eps=1e-5, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+
+# name -> (transformers config class, overrides). vocab 100 is padded (to 256 at max TP 2) on import.
+CASES = {
+    "llama_gqa_tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
+    "llama3_rope_scaling": ("LlamaConfig", dict(rope_parameters=LLAMA3_ROPE, max_position_embeddings=16384)),
+    "llama_mqa_biases": ("LlamaConfig", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
+    "mistral": ("MistralConfig", dict(sliding_window=None, head_dim=8)),
+    "qwen2_qkv_bias_tied": ("Qwen2Config", dict(tie_word_embeddings=True)),
+    "qwen3_qk_norm": ("Qwen3Config", dict(head_dim=16)),
+}
+
+
+def randomize(model: torch.nn.Module, seed: int) -> None:
+    """Weights far from init defaults (norms ≠ 1, biases ≠ 0), so a swapped or dropped tensor shows."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            noise = torch.randn(param.shape, generator=gen)
+            param.copy_(1.0 + 0.1 * noise if "norm" in name else 0.1 * noise)
+
+
+def build(case: str, directory: Path, dtype: torch.dtype = torch.float32, seed: int = 0) -> Path:
+    import transformers
+
+    config_class, overrides = CASES[case]
+    config = getattr(transformers, config_class)(**dict(BASE, **overrides))
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    randomize(model, seed)
+    model.to(dtype).save_pretrained(directory)
+    return directory
+
+
+def safetensors_of(directory: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    index = directory / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.exists() else ["model.safetensors"]
+    tensors = {}
+    for name in files:
+        tensors.update(load_file(directory / name))
+    return tensors

@@ -1,0 +1,39 @@
+"""Rank-side code of the conversion tests (run through `run_distributed`)."""
+
+from __future__ import annotations
+
+import traceback
+
+import torch
+
+from wit_megatron.convert.hf_to_mcore import convert_hf_to_megatron
+from wit_megatron.convert.mcore_to_hf import convert_megatron_to_hf
+from wit_megatron.convert.verify import megatron_logits
+
+
+def round_trips(cases: list[dict]) -> list[dict]:
+    """One rank. Each case: {"hf", "megatron", "back"} directories (+ optional "dtype"); HF -> Megatron -> HF.
+    Returns {"error": traceback or None} per case."""
+    results = []
+    for case in cases:
+        try:
+            convert_hf_to_megatron(case["hf"], case["megatron"], dtype=case.get("dtype"), progress=False)
+            convert_megatron_to_hf(case["megatron"], case["back"], progress=False)
+            results.append({"error": None})
+        except Exception:
+            results.append({"error": traceback.format_exc()})
+    return results
+
+
+def logits(jobs: list[dict]) -> list[dict]:
+    """Every rank. Each job: {"checkpoint", "layout": (tp, pp, vpp), "tokens": [b, s]}."""
+    out = []
+    for job in jobs:
+        result = megatron_logits(job["checkpoint"], tuple(job["layout"]), job["tokens"])
+        out.append(dict(result, layout=tuple(job["layout"]), checkpoint=job["checkpoint"]))
+    return out
+
+
+def export(checkpoint: str, out: str) -> None:
+    """One rank: Megatron -> HF only (for checkpoints saved by training)."""
+    convert_megatron_to_hf(checkpoint, out, progress=False)

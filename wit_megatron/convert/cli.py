@@ -1,0 +1,79 @@
+"""Argument parsing for the conversion tools (tools/*.py and the wit-* console scripts)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from wit_megatron.convert.transforms import ConversionError
+
+
+def _run(fn) -> int:
+    try:
+        fn()
+    except ConversionError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def hf_to_megatron(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Hugging Face model directory -> Megatron-Core torch_dist checkpoint "
+                                     "(Megatron-LM layout, loads at any TP/PP/VPP layout).")
+    parser.add_argument("--hf", required=True, type=Path, help="HF model directory (config.json + safetensors)")
+    parser.add_argument("--out", required=True, type=Path, help="output checkpoint directory (refused if it exists)")
+    parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast weights (default: keep the file's dtype)")
+    parser.add_argument("--layer-spec", choices=["te", "local"], default="te",
+                        help="layer spec training should build (recorded; torch_dist keys are the same for both)")
+    parser.add_argument("--vocab-multiple", type=int,
+                        help="pad the vocabulary to a multiple of this (default 128 x the largest valid TP size)")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--dry-run", action="store_true", help="print the tensor mapping and write nothing")
+    args = parser.parse_args(argv)
+    from wit_megatron.convert.hf_to_mcore import convert_hf_to_megatron
+
+    return _run(lambda: convert_hf_to_megatron(args.hf, args.out, dtype=args.dtype, force=args.force,
+                                               vocab_multiple=args.vocab_multiple, dry_run=args.dry_run,
+                                               layer_spec=args.layer_spec))
+
+
+def megatron_to_hf(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Megatron-Core torch_dist checkpoint (converted or saved by training, "
+                                     "any layout) -> Hugging Face safetensors + config + tokenizer.")
+    parser.add_argument("--megatron", required=True, type=Path, help="checkpoint root or iteration directory")
+    parser.add_argument("--out", required=True, type=Path, help="output HF directory (refused if it exists)")
+    parser.add_argument("--max-shard-size-gb", type=float, default=2.0, help="safetensors shard size limit")
+    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--dry-run", action="store_true", help="print the tensor mapping and write nothing")
+    args = parser.parse_args(argv)
+    from wit_megatron.convert.mcore_to_hf import convert_megatron_to_hf
+
+    return _run(lambda: convert_megatron_to_hf(args.megatron, args.out, force=args.force, dry_run=args.dry_run,
+                                               max_shard_bytes=int(args.max_shard_size_gb * 1024**3)))
+
+
+def verify(argv=None) -> int:
+    parser = argparse.ArgumentParser(description="Run the HF model and the Megatron checkpoint on the same prompts (CPU) "
+                                     "and compare logits; exit 1 beyond tolerance.")
+    parser.add_argument("--hf", required=True, type=Path)
+    parser.add_argument("--megatron", required=True, type=Path)
+    parser.add_argument("--tp", type=int, default=1)
+    parser.add_argument("--pp", type=int, default=1)
+    parser.add_argument("--vpp", type=int, default=None)
+    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| allowed (fp32)")
+    args = parser.parse_args(argv)
+    from wit_megatron.convert.verify import run_verification
+
+    result = {}
+
+    def go():
+        result.update(run_verification(args.hf, args.megatron, (args.tp, args.pp, args.vpp)))
+
+    status = _run(go)
+    if status:
+        return status
+    ok = result["max_abs_diff"] <= args.tolerance
+    print(json.dumps(dict(result, tolerance=args.tolerance, ok=ok), indent=2))
+    return 0 if ok else 1

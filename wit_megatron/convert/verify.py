@@ -1,0 +1,125 @@
+"""Compare a converted Megatron checkpoint with its Hugging Face model on the same tokens.
+
+`megatron_logits` runs on every rank of a launcher (torchrun, or `run_distributed`): it builds the
+model at a parallel layout, loads the checkpoint through megatron-core's dist_checkpointing, and runs
+a forward-only pipeline schedule; the last stage gathers the vocab-parallel logits.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from wit_megatron.convert import checkpoint as ckpt
+from wit_megatron.model import GPTArch, build_model, check_layout, transformer_config
+from wit_megatron.runtime.parallel import ParallelLayout, init_model_parallel
+
+
+def megatron_logits(checkpoint: str, layout: tuple, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict:
+    """Logits [b, s, vocab] (padding rows removed) of `tokens` [b, s] at `layout` = (tp, pp, vpp).
+
+    Returns {"logits": tensor or None (only the last stage's TP/DP rank 0 holds them),
+    "missing": set, "unexpected": set} (checkpoint keys the model lacked / did not request)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    root, directory = ckpt.resolve(Path(checkpoint))
+    arch = GPTArch.from_dict(ckpt.read_record(root, directory)["arch"])
+    layout = ParallelLayout(*layout)
+    check_layout(arch, layout)
+    init_model_parallel(layout)
+    config = transformer_config(arch, layout, dtype, calculate_per_token_loss=False)
+    chunks = build_model(arch, config)
+    missing, unexpected = ckpt.load_into_model(chunks, directory)
+    for chunk in chunks:
+        chunk.eval()
+
+    batch, seq = tokens.shape
+    positions = torch.arange(seq).unsqueeze(0).expand(batch, seq)
+    gathered = []
+
+    def loss_func(output: torch.Tensor):
+        full = tensor_parallel.gather_from_tensor_model_parallel_region(output)  # [b, s, padded vocab]
+        gathered.append(full[..., : arch.unpadded_vocab_size or arch.vocab_size].float())
+        return output.sum() * 0.0, {}
+
+    def forward_step(data_iterator, model):
+        return model(tokens, positions, None), loss_func
+
+    # The interleaved schedule needs a multiple of pp micro-batches: repeat the batch, keep the first.
+    micro_batches = layout.pp if layout.vpp else 1
+    with torch.no_grad():
+        get_forward_backward_func()(
+            forward_step_func=forward_step,
+            data_iterator=[iter([None] * micro_batches) for _ in chunks] if len(chunks) > 1 else iter([None]),
+            model=chunks if len(chunks) > 1 else chunks[0],
+            num_microbatches=micro_batches, seq_length=seq, micro_batch_size=batch, forward_only=True,
+        )
+    keep = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
+            and ps.get_data_parallel_rank() == 0)
+    return {"logits": gathered[0] if keep else None, "missing": missing, "unexpected": unexpected}
+
+
+def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
+    """The HF model's logits [b, s, vocab] in fp32."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32)
+    model.eval()
+    with torch.no_grad():
+        return model(tokens).logits.float()
+
+
+def compare(hf: torch.Tensor, megatron: torch.Tensor, tokens: torch.Tensor) -> dict:
+    """max/mean |Δlogit|, top-1 agreement and next-token loss of each (logits [b, s, vocab], tokens [b, s])."""
+    diff = (hf - megatron).abs()
+
+    def loss(logits):
+        return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1)).item()
+
+    return {
+        "max_abs_diff": diff.max().item(),
+        "mean_abs_diff": diff.mean().item(),
+        "top1_agreement": (hf.argmax(-1) == megatron.argmax(-1)).float().mean().item(),
+        "hf_loss": loss(hf),
+        "megatron_loss": loss(megatron),
+    }
+
+
+def default_tokens(vocab: int, batch: int = 2, seq: int = 16, seed: int = 0, tokenizer_dir: Optional[Path] = None) -> torch.Tensor:
+    """A few prompts through the tokenizer when there is one, else seeded random ids [b, s]."""
+    if tokenizer_dir is not None:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+        prompts = ["The capital of France is", "def fibonacci(n):\n    "]
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
+        seq = min(len(i) for i in ids)
+        return torch.tensor([i[:seq] for i in ids])
+    return torch.randint(0, vocab, (batch, seq), generator=torch.Generator().manual_seed(seed))
+
+
+def run_verification(hf_dir: Path, checkpoint: Path, layout: tuple) -> dict:
+    """HF logits here, Megatron logits on tp·pp local gloo ranks (CPU), compared on a few prompts."""
+    from wit_megatron.testing.distributed import run_distributed
+
+    root, directory = ckpt.resolve(Path(checkpoint))
+    arch = GPTArch.from_dict(ckpt.read_record(root, directory)["arch"])
+    check_layout(arch, ParallelLayout(*layout))
+    has_tokenizer = any((Path(hf_dir) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
+    tokens = default_tokens(arch.unpadded_vocab_size or arch.vocab_size, tokenizer_dir=hf_dir if has_tokenizer else None)
+    per_rank = run_distributed("wit_megatron.convert.verify:_rank_logits", layout[0] * layout[1],
+                               checkpoint=str(checkpoint), layout=layout, tokens=tokens)
+    (megatron,) = [r for r in per_rank if r is not None]
+    return dict(compare(hf_logits(hf_dir, tokens), megatron, tokens), layout=list(layout), tokens=list(tokens.shape))
+
+
+def _rank_logits(checkpoint: str, layout: tuple, tokens: torch.Tensor):
+    result = megatron_logits(checkpoint, layout, tokens)
+    if result["missing"] or result["unexpected"]:
+        raise RuntimeError(f"checkpoint keys missing {sorted(result['missing'])}, unexpected {sorted(result['unexpected'])}")
+    return result["logits"]
