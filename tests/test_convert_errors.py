@@ -1,0 +1,147 @@
+"""Every bad input is refused up front with a message that says what is wrong; the CLIs print it,
+exit 2 and leave no output behind; a dry run prints the mapping and writes nothing."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.convert_models import build
+from wit_megatron.convert.families import family_for
+from wit_megatron.convert.hf_config import arch_from_hf_config, rope_settings
+from wit_megatron.convert.hf_to_mcore import convert_hf_to_megatron
+from wit_megatron.convert.mcore_to_hf import convert_megatron_to_hf
+from wit_megatron.convert.transforms import ConversionError
+from wit_megatron.model import check_layout
+from wit_megatron.runtime.parallel import ParallelLayout
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return build("llama_gqa_tied", tmp_path_factory.mktemp("errors") / "hf")
+
+
+def edited_copy(src: Path, dst: Path, **config_changes) -> Path:
+    dst.mkdir(parents=True)
+    for path in src.iterdir():
+        dst.joinpath(path.name).write_bytes(path.read_bytes())
+    config = json.loads((dst / "config.json").read_text())
+    config.update(config_changes)
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+def cli(tool: str, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_unknown_architecture_names_the_supported_ones(tiny, tmp_path):
+    hf = edited_copy(tiny, tmp_path / "gpt2", architectures=["GPT2LMHeadModel"])
+    with pytest.raises(ConversionError, match=r"unsupported architecture \['GPT2LMHeadModel'\]; supported: "
+                       r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+        convert_hf_to_megatron(hf, tmp_path / "out")
+
+
+def test_shapes_that_do_not_match_the_config(tiny, tmp_path):
+    hf = edited_copy(tiny, tmp_path / "ffn", intermediate_size=64)
+    with pytest.raises(ConversionError, match=r"shape mismatch for decoder.layers.mlp.linear_fc1.weight\[0\] from "
+                       r"model.layers.0.mlp.gate_proj.weight \(48, 32\) in model.safetensors.*intermediate_size=64"):
+        convert_hf_to_megatron(hf, tmp_path / "out")
+    hf = edited_copy(tiny, tmp_path / "heads", num_key_value_heads=4)
+    with pytest.raises(ConversionError, match=r"linear_qkv.weight\[0\].*k projection has 16 rows, config says 4 heads x head dim 8"):
+        convert_hf_to_megatron(hf, tmp_path / "out")
+    hf = edited_copy(tiny, tmp_path / "layers", num_hidden_layers=5)
+    with pytest.raises(ConversionError, match=r"lacks \d+ tensor\(s\) its config requires, e.g. model.layers.4"):
+        convert_hf_to_megatron(hf, tmp_path / "out")
+    hf = edited_copy(tiny, tmp_path / "untied", tie_word_embeddings=False)
+    with pytest.raises(ConversionError, match=r"lacks 1 tensor\(s\).*lm_head.weight"):
+        convert_hf_to_megatron(hf, tmp_path / "out")
+
+
+def test_unrepresentable_configs_are_refused():
+    _, llama = family_for({"architectures": ["LlamaForCausalLM"]})
+    base = dict(architectures=["LlamaForCausalLM"], vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
+    with pytest.raises(ConversionError, match=r"rope scaling of type 'yarn' cannot be represented.*supported: "
+                       r"none/'default', and 'llama3' with low_freq_factor=1, high_freq_factor=4, original_max_position_embeddings=8192"):
+        arch_from_hf_config(llama, dict(base, rope_scaling={"rope_type": "yarn", "factor": 4.0}))
+    with pytest.raises(ConversionError, match=r"low_freq_factor=2.0 would drift: megatron-core fixes low_freq_factor=1"):
+        arch_from_hf_config(llama, dict(base, rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 2.0,
+                                                            "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}))
+    with pytest.raises(ConversionError, match=r"attention_bias=True: .*attention_bias and mlp_bias must be equal"):
+        arch_from_hf_config(llama, dict(base, attention_bias=True, mlp_bias=False))
+    _, mistral = family_for({"architectures": ["MistralForCausalLM"]})
+    with pytest.raises(ConversionError, match=r"sliding_window=4096: sliding-window attention"):
+        arch_from_hf_config(mistral, dict(base, sliding_window=4096, max_position_embeddings=32768))
+    # Both config generations give the same rope settings (v4 rope_theta/rope_scaling, v5 rope_parameters).
+    v4 = {"rope_theta": 5e5, "rope_scaling": {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0,
+                                              "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}}
+    v5 = {"rope_parameters": dict(v4["rope_scaling"], rope_theta=5e5)}
+    assert rope_settings(v4) == rope_settings(v5) == (5e5, 32.0)
+
+
+def test_vocab_padding_is_sized_for_every_valid_tp():
+    _, llama = family_for({"architectures": ["LlamaForCausalLM"]})
+    base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8,
+                intermediate_size=48, max_position_embeddings=64)
+    arch = arch_from_hf_config(llama, dict(base, vocab_size=32000))
+    assert (arch.vocab_size, arch.unpadded_vocab_size) == (32768, 32000)  # multiple of 128 x tp 8
+    assert arch_from_hf_config(llama, dict(base, vocab_size=32000), vocab_multiple=128).vocab_size == 32000
+    arch = arch_from_hf_config(llama, dict(base, vocab_size=49152, num_attention_heads=9, num_key_value_heads=3, hidden_size=576))
+    assert (arch.vocab_size, arch.unpadded_vocab_size) == (49152, None)  # SmolLM2: already a multiple of 128 x 3
+
+
+def test_impossible_layouts_name_the_valid_sizes(tiny):
+    _, llama = family_for({"architectures": ["LlamaForCausalLM"]})
+    config = json.loads((tiny / "config.json").read_text())
+    mqa = arch_from_hf_config(llama, dict(config, num_key_value_heads=1))
+    with pytest.raises(ValueError, match=r"tensor-parallel size 2 does not divide the 4 attention heads and 1 KV heads; valid sizes: \[1\]"):
+        check_layout(mqa, ParallelLayout(tp=2))
+    arch = arch_from_hf_config(llama, config)
+    with pytest.raises(ValueError, match=r"4 layers cannot be split into pp\*vpp = 3 stages; valid pp\*vpp: \[1, 2, 4\]"):
+        check_layout(arch, ParallelLayout(pp=3))
+
+
+def test_megatron_side_errors(tmp_path):
+    with pytest.raises(ConversionError, match=r"not a Megatron checkpoint \(no latest_checkpointed_iteration.txt"):
+        convert_megatron_to_hf(tmp_path, tmp_path / "out")
+
+
+def test_cli_refuses_existing_output_and_prints_a_dry_run(tiny, tmp_path):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    refused = cli("convert_hf_to_megatron.py", "--hf", str(tiny), "--out", str(existing))
+    assert refused.returncode == 2
+    assert f"error: output directory {existing} exists; pass --force to replace it" in refused.stderr
+    dry = cli("convert_hf_to_megatron.py", "--hf", str(tiny), "--out", str(tmp_path / "new"), "--dry-run")
+    assert dry.returncode == 0, dry.stderr
+    assert ("model.layers.3.self_attn.q_proj.weight [32, 32] float32 + model.layers.3.self_attn.k_proj.weight [16, 32] "
+            "float32 + model.layers.3.self_attn.v_proj.weight [16, 32] float32 -> "
+            "decoder.layers.self_attention.linear_qkv.weight[3] (qkv interleave)") in dry.stdout
+    assert "model.embed_tokens.weight [100, 32] float32 -> embedding.word_embeddings.weight (vocab pad)" in dry.stdout
+    assert not (tmp_path / "new").exists()
+
+
+def test_cli_failure_midway_leaves_nothing_and_force_replaces(tiny, tmp_path):
+    broken = edited_copy(tiny, tmp_path / "broken")
+    data = (broken / "model.safetensors").read_bytes()
+    (broken / "model.safetensors").write_bytes(data[:-64])  # the last tensor loses its tail
+    out = tmp_path / "out"
+    failed = cli("convert_hf_to_megatron.py", "--hf", str(broken), "--out", str(out))
+    assert failed.returncode == 2 and "is truncated" in failed.stderr, failed.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # no output, no temporary directory
+
+    out.mkdir()
+    (out / "stale").write_text("old")
+    replaced = cli("convert_hf_to_megatron.py", "--hf", str(tiny), "--out", str(out), "--force")
+    assert replaced.returncode == 0, replaced.stderr[-2000:]
+    assert not (out / "stale").exists()
+    assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
