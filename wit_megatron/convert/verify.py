@@ -23,10 +23,6 @@ def megatron_logits(checkpoint: str, layout: tuple, tokens: torch.Tensor, dtype:
 
     Returns {"logits": tensor or None (only the last stage's TP/DP rank 0 holds them),
     "missing": set, "unexpected": set} (checkpoint keys the model lacked / did not request)."""
-    from megatron.core import parallel_state as ps
-    from megatron.core import tensor_parallel
-    from megatron.core.pipeline_parallel import get_forward_backward_func
-
     root, directory = ckpt.resolve(Path(checkpoint))
     arch = GPTArch.from_dict(ckpt.read_record(root, directory)["arch"])
     layout = ParallelLayout(*layout)
@@ -35,33 +31,49 @@ def megatron_logits(checkpoint: str, layout: tuple, tokens: torch.Tensor, dtype:
     config = transformer_config(arch, layout, dtype, calculate_per_token_loss=False)
     chunks = build_model(arch, config)
     missing, unexpected = ckpt.load_into_model(chunks, directory)
+    return {"logits": model_logits(chunks, arch, tokens), "missing": missing, "unexpected": unexpected}
+
+
+def model_logits(chunks, arch: GPTArch, tokens: torch.Tensor) -> Optional[torch.Tensor]:
+    """Logits [b, s, vocab] (padding rows removed) of this rank's model chunks (any layout, DDP-wrapped
+    or not) on `tokens` [b, s], through a forward-only pipeline schedule; returned on the last
+    stage's TP/DP rank 0, None elsewhere."""
+    from megatron.core import parallel_state as ps
+    from megatron.core import tensor_parallel
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from wit_megatron.train import unwrap
+
     for chunk in chunks:
         chunk.eval()
-
     batch, seq = tokens.shape
     positions = torch.arange(seq).unsqueeze(0).expand(batch, seq)
     gathered = []
+    # With calculate_per_token_loss the schedule expects (loss, num_tokens, report), else (loss, report).
+    per_token = unwrap(chunks[0]).config.calculate_per_token_loss
 
     def loss_func(output: torch.Tensor):
         full = tensor_parallel.gather_from_tensor_model_parallel_region(output)  # [b, s, padded vocab]
         gathered.append(full[..., : arch.unpadded_vocab_size or arch.vocab_size].float())
-        return output.sum() * 0.0, {}
+        zero = output.sum() * 0.0
+        return (zero, torch.tensor(1, dtype=torch.int), {}) if per_token else (zero, {})
 
     def forward_step(data_iterator, model):
         return model(tokens, positions, None), loss_func
 
     # The interleaved schedule needs a multiple of pp micro-batches: repeat the batch, keep the first.
-    micro_batches = layout.pp if layout.vpp else 1
+    vpp = len(chunks) > 1
+    micro_batches = ps.get_pipeline_model_parallel_world_size() if vpp else 1
     with torch.no_grad():
         get_forward_backward_func()(
             forward_step_func=forward_step,
-            data_iterator=[iter([None] * micro_batches) for _ in chunks] if len(chunks) > 1 else iter([None]),
-            model=chunks if len(chunks) > 1 else chunks[0],
+            data_iterator=[iter([None] * micro_batches) for _ in chunks] if vpp else iter([None]),
+            model=list(chunks) if vpp else chunks[0],
             num_microbatches=micro_batches, seq_length=seq, micro_batch_size=batch, forward_only=True,
         )
     keep = (ps.is_pipeline_last_stage(ignore_virtual=True) and ps.get_tensor_model_parallel_rank() == 0
             and ps.get_data_parallel_rank() == 0)
-    return {"logits": gathered[0] if keep else None, "missing": missing, "unexpected": unexpected}
+    return gathered[0] if keep else None
 
 
 def hf_logits(hf_dir: Path, tokens: torch.Tensor) -> torch.Tensor:
