@@ -229,7 +229,8 @@ def load_into_model(chunks: Sequence[torch.nn.Module], path: Path) -> tuple[set,
         model.load_state_dict(state[f"model{i}"])
     # megatron-core's names are the other way round: its "unexpected" keys are requested but absent
     # from the checkpoint, its "missing" keys are in the checkpoint but requested by no rank.
-    return set(absent), set(not_requested)
+    # "common_state": where megatron-core 0.17+ keeps the common state inside the files; no model key.
+    return set(absent), set(not_requested) - {"common_state"}
 
 
 @contextlib.contextmanager
