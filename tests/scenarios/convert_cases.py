@@ -37,3 +37,12 @@ def logits(jobs: list[dict]) -> list[dict]:
 def export(checkpoint: str, out: str) -> None:
     """One rank: Megatron -> HF only (for checkpoints saved by training)."""
     convert_megatron_to_hf(checkpoint, out, progress=False)
+
+
+def local_param_names(archs: list[dict]) -> list[list[str]]:
+    """One rank: parameter names of a single-rank GPTModel (local layer spec) of each GPTArch dict."""
+    from wit_megatron.convert.checkpoint import ensure_single_process, meta_model
+    from wit_megatron.model import GPTArch
+
+    ensure_single_process()
+    return [sorted(n for n, _ in meta_model(GPTArch.from_dict(a), torch.float32).named_parameters()) for a in archs]

@@ -9,6 +9,7 @@ Peak memory is one copy of the model (the source file is never mapped).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import sys
@@ -126,6 +127,8 @@ def convert_hf_to_megatron(hf_dir: Path, out: Path, dtype: Optional[str] = None,
     unplanned = [f"{key}[{layer}]" for _, key, layer, _ in entries if (key, layer) not in by_key]
     if unplanned or len(entries) != len(steps):
         raise ConversionError(f"internal: the {family_name} table does not match Megatron's tensors {unplanned}")
+    from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
+
     sharded = dict(structure)  # keeps the `_extra_state` objects as megatron-core made them
     bar = _progress(len(entries), "HF -> Megatron", progress)
     for name, key, layer, entry in entries:
@@ -134,6 +137,10 @@ def convert_hf_to_megatron(hf_dir: Path, out: Path, dtype: Optional[str] = None,
         if target is not None:
             tensors = [t.to(target) for t in tensors]
         sharded[name] = ckpt.with_data(entry, step.rule.transform.to_megatron(tensors, arch))
+        if isinstance(entry, ShardedTensorFactory):
+            # The gated-MLP factory saves [gate; up] as two views of one storage, and the torch_dist
+            # writer clones such views: give each piece its own storage now, so the model is held once.
+            sharded[name] = [dataclasses.replace(p, data=p.data.clone()) for p in sharded[name].build()]
         bar.update(1)
     bar.close()
 

@@ -1,0 +1,113 @@
+"""Benchmark both conversion directions against a plain copy of the same bytes.
+
+Generates a synthetic Llama-architecture HF checkpoint (random weights, sharded safetensors) of about
+--gb gigabytes, then runs, each as its own process measured with GNU time (wall time, peak RSS):
+a file copy of the weights (the limit), the interpreter + imports alone (fixed overhead), HF -> Megatron,
+Megatron -> HF, and Megatron-Bridge's AutoBridge when it is installed. Prints ratios:
+time / copy time and peak RSS / model bytes (and / largest layer for Megatron -> HF).
+
+    python bench/bench_convert.py --gb 3 --workdir /tmp/wit-bench
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def make_checkpoint(directory: Path, gb: float, dtype: str) -> dict:
+    """A Llama config scaled (layers) to about `gb` GB, written shard by shard with random weights."""
+    import torch
+    from safetensors.torch import save_file
+
+    torch_dtype = getattr(torch, dtype)
+    hidden, ffn, heads, kv_heads, vocab = 2048, 5632, 16, 4, 32000
+    head_dim = hidden // heads
+    element = torch.tensor([], dtype=torch_dtype).element_size()
+    layer_shapes = {
+        "input_layernorm.weight": (hidden,), "post_attention_layernorm.weight": (hidden,),
+        "self_attn.q_proj.weight": (hidden, hidden), "self_attn.k_proj.weight": (kv_heads * head_dim, hidden),
+        "self_attn.v_proj.weight": (kv_heads * head_dim, hidden), "self_attn.o_proj.weight": (hidden, hidden),
+        "mlp.gate_proj.weight": (ffn, hidden), "mlp.up_proj.weight": (ffn, hidden), "mlp.down_proj.weight": (hidden, ffn),
+    }
+    layer_bytes = sum(torch.Size(s).numel() for s in layer_shapes.values()) * element
+    embed_bytes = 2 * vocab * hidden * element
+    layers = max(1, round((gb * 1e9 - embed_bytes) / layer_bytes))
+    config = {
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": vocab, "hidden_size": hidden,
+        "intermediate_size": ffn, "num_hidden_layers": layers, "num_attention_heads": heads,
+        "num_key_value_heads": kv_heads, "max_position_embeddings": 4096, "rms_norm_eps": 1e-5,
+        "rope_theta": 10000.0, "tie_word_embeddings": False, "hidden_act": "silu", "torch_dtype": dtype,
+    }
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(config, indent=2))
+    gen = torch.Generator().manual_seed(0)
+    weight_map = {}
+
+    def shard(name: str, tensors: dict) -> None:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, directory / name, metadata={"format": "pt"})
+        weight_map.update({k: name for k in tensors})
+
+    def rand(shape):
+        return (0.02 * torch.randn(shape, generator=gen)).to(torch_dtype)
+
+    shard("embed.safetensors", {"model.embed_tokens.weight": rand((vocab, hidden)), "model.norm.weight": rand((hidden,)),
+                                "lm_head.weight": rand((vocab, hidden))})
+    for i in range(layers):
+        shard(f"layer-{i:03d}.safetensors", {f"model.layers.{i}.{k}": rand(s) for k, s in layer_shapes.items()})
+    total = embed_bytes + layers * layer_bytes + hidden * element
+    (directory / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
+    return {"bytes": total, "layer_bytes": layer_bytes, "layers": layers}
+
+
+def measure(label: str, cmd: list[str]) -> dict:
+    """Run `cmd` under GNU time: wall seconds and peak RSS (bytes) of the command itself (a
+    Python-forked child would report the parent's RSS as its floor)."""
+    proc = subprocess.run(["/usr/bin/time", "-f", "WITBENCH %e %M", *cmd], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
+    wall, kib = proc.stderr.rsplit("WITBENCH ", 1)[1].split()
+    return {"label": label, "wall_s": float(wall), "peak_rss": int(kib) * 1024}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--gb", type=float, default=3.0)
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/wit-bench"))
+    args = parser.parse_args()
+    shutil.rmtree(args.workdir, ignore_errors=True)
+    hf, megatron, back, copy = (args.workdir / n for n in ("hf", "megatron", "back", "copy"))
+    sizes = make_checkpoint(hf, args.gb, args.dtype)
+    py = sys.executable
+    runs = [
+        measure("copy (cp -r, same bytes)", ["cp", "-r", str(hf), str(copy)]),
+        measure("python + imports only", [py, "-c", "import wit_megatron.convert.hf_to_mcore, wit_megatron.convert.mcore_to_hf, "
+                                                   "megatron.core.dist_checkpointing"]),
+        measure("HF -> Megatron", [py, str(ROOT / "tools/convert_hf_to_megatron.py"), "--hf", str(hf), "--out", str(megatron)]),
+        measure("Megatron -> HF", [py, str(ROOT / "tools/convert_megatron_to_hf.py"), "--megatron", str(megatron), "--out", str(back)]),
+    ]
+    peer = "megatron.bridge" if importlib.util.find_spec("megatron.bridge") else None
+    copy_s = runs[0]["wall_s"]
+    gib = 1024**3
+    print(f"model: {sizes['layers']} layers, {sizes['bytes'] / gib:.2f} GiB ({args.dtype}); largest layer "
+          f"{sizes['layer_bytes'] / gib:.3f} GiB; python {sys.version.split()[0]}")
+    print(f"{'run':28} {'wall s':>8} {'/copy':>7} {'peak RSS GiB':>13} {'RSS/model':>10} {'RSS/layer':>10}")
+    for r in runs:
+        print(f"{r['label']:28} {r['wall_s']:8.2f} {r['wall_s'] / copy_s:7.2f} {r['peak_rss'] / gib:13.2f} "
+              f"{r['peak_rss'] / sizes['bytes']:10.2f} {r['peak_rss'] / sizes['layer_bytes']:10.1f}")
+    print("peer converter: " + ("megatron-bridge is installed but not wired into this bench" if peer else
+                                "not run (megatron-bridge is not installed in this environment)"))
+    shutil.rmtree(args.workdir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

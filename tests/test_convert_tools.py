@@ -1,0 +1,53 @@
+"""The verify tool passes a faithful conversion and fails (exit 1) a different model; the family tables'
+local-spec names are exactly the local GPTModel's parameters."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from tests.convert_models import CASES, build
+from wit_megatron.convert.families import family_for
+from wit_megatron.convert.hf_config import arch_from_hf_config
+from wit_megatron.testing.distributed import run_distributed
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def verify(hf: Path, megatron: Path, *layout: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(ROOT / "tools/verify_conversion.py"), "--hf", str(hf), "--megatron",
+                           str(megatron), *layout], capture_output=True, text=True, cwd=ROOT)
+
+
+def test_verify_tool_reports_and_fails_beyond_tolerance(tmp_path):
+    hf, other = build("qwen2_qkv_bias_tied", tmp_path / "hf"), build("qwen2_qkv_bias_tied", tmp_path / "other", seed=1)
+    run_distributed("tests.scenarios.convert_cases:round_trips", 1,
+                    cases=[dict(hf=str(hf), megatron=str(tmp_path / "megatron"), back=str(tmp_path / "back"))])
+    good = verify(hf, tmp_path / "megatron", "--tp", "2")
+    assert good.returncode == 0, good.stderr[-3000:]
+    report = json.loads(good.stdout[good.stdout.index("{"):])
+    assert report["ok"] and report["max_abs_diff"] <= 1e-4 and report["top1_agreement"] == 1.0
+    assert abs(report["hf_loss"] - report["megatron_loss"]) < 1e-4 and report["layout"] == [2, 1, None]
+    bad = verify(other, tmp_path / "megatron", "--pp", "2")
+    assert bad.returncode == 1, bad.stderr[-3000:]
+    assert not json.loads(bad.stdout[bad.stdout.index("{"):])["ok"]
+
+
+def test_local_spec_names_in_the_tables_cover_the_model():
+    archs, expected = [], []
+    for name, (config_class, overrides) in CASES.items():
+        import transformers
+
+        from tests.convert_models import BASE
+
+        config = getattr(transformers, config_class)(**dict(BASE, **overrides)).to_dict()
+        config["architectures"] = [config_class.replace("Config", "ForCausalLM")]
+        _, family = family_for(config)
+        arch = arch_from_hf_config(family, config)
+        archs.append(arch.to_dict())
+        expected.append(sorted(rule.param_name("local", layer) for rule in family.rules_for(arch)
+                               for layer in (range(arch.num_layers) if rule.per_layer else [None])))
+    actual = run_distributed("tests.scenarios.convert_cases:local_param_names", 1, archs=archs)[0]
+    assert actual == expected
