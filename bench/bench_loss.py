@@ -107,7 +107,7 @@ def main():
     args = p.parse_args()
     os.environ["PYTHONPATH"] = os.pathsep.join(x for x in (str(ROOT), os.environ.get("PYTHONPATH")) if x)
     sys.path.insert(0, str(ROOT))
-    from wit_megatron.testing.distributed import run_distributed
+    from wit_megatron.runtime.launch import run_distributed
 
     kwargs = dict(iters=args.iters, seq_length=args.seq_length, micro_batch_size=args.micro_batch_size,
                   num_microbatches=args.num_microbatches, tp=args.tp)

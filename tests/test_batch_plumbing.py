@@ -6,7 +6,7 @@ import torch
 
 from tests.scenarios.plumbing import source_batch
 from wit_megatron.batch import FIRST_STAGE_KEYS, LAST_STAGE_KEYS, packed_attention_mask, packed_seq_params
-from wit_megatron.testing.distributed import run_distributed
+from wit_megatron.runtime.launch import run_distributed
 
 
 def expected_keys(first: bool, last: bool, packed: bool) -> set:

@@ -11,7 +11,7 @@ import torch
 
 from tests.convert_models import CASES, build, safetensors_of
 from wit_megatron.convert.verify import hf_logits
-from wit_megatron.testing.distributed import run_distributed
+from wit_megatron.runtime.launch import run_distributed
 
 LAYOUTS = [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None)]
 TOLERANCE = 1e-4

@@ -8,7 +8,7 @@ import torch
 
 from tests.convert_models import safetensors_of
 from wit_megatron.convert.verify import default_tokens, hf_logits
-from wit_megatron.testing.distributed import run_distributed
+from wit_megatron.runtime.launch import run_distributed
 from wit_megatron.testing.smollm2 import smollm2_dir, tokenizer_dir
 
 

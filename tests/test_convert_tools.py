@@ -11,7 +11,7 @@ from pathlib import Path
 from tests.convert_models import CASES, build
 from wit_megatron.convert.families import family_for
 from wit_megatron.convert.hf_config import arch_from_hf_config
-from wit_megatron.testing.distributed import run_distributed
+from wit_megatron.runtime.launch import run_distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -7,7 +7,7 @@ import torch
 
 from tests.convert_models import build, safetensors_of
 from wit_megatron.convert.verify import hf_logits
-from wit_megatron.testing.distributed import run_distributed
+from wit_megatron.runtime.launch import run_distributed
 
 
 def test_training_checkpoint_at_tp2pp2_exports_to_hf(tmp_path):

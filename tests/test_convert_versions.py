@@ -9,7 +9,7 @@ import torch
 from tests.convert_models import safetensors_of
 from tests.scenarios.convert_fixtures import FIXTURES
 from wit_megatron.convert.verify import hf_logits
-from wit_megatron.testing.distributed import run_distributed
+from wit_megatron.runtime.launch import run_distributed
 
 WRITTEN_BY = ["0.16.1", "0.19.2"]
 

@@ -9,7 +9,7 @@ import torch
 from tests.test_data_preprocess import humaneval, write_jsonl
 from wit_megatron.data.preprocess import PreprocessConfig, run
 from wit_megatron.testing import smollm2
-from wit_megatron.testing.distributed import run_distributed
+from wit_megatron.runtime.launch import run_distributed
 
 SEQ_LENGTH = 256
 

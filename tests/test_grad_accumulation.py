@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.test_parity_layouts import check_against_reference, merged_grads
-from wit_megatron.testing.distributed import run_distributed
+from wit_megatron.runtime.launch import run_distributed
 
 # Four sequences with very different numbers of targets: 32, 2, 19 and 7.
 UNEVEN = {"num_seqs": 4, "lambdas": (0.2, 0.8), "seed": 5, "lengths": [33, 3, 20, 8]}

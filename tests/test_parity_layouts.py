@@ -4,7 +4,7 @@ gradients are the same under every parallel layout and micro-batch size."""
 import pytest
 import torch
 
-from wit_megatron.testing.distributed import run_distributed
+from wit_megatron.runtime.launch import run_distributed
 
 LOSS_RTOL = 1e-6  # WIT loss vs the reference
 GRAD_RTOL = 1e-5  # gradients vs the reference, per tensor, relative to the tensor's largest entry

@@ -117,7 +117,7 @@ def default_tokens(vocab: int, batch: int = 2, seq: int = 16, seed: int = 0, tok
 
 def run_verification(hf_dir: Path, checkpoint: Path, layout: tuple) -> dict:
     """HF logits here, Megatron logits on tp·pp local gloo ranks (CPU), compared on a few prompts."""
-    from wit_megatron.testing.distributed import run_distributed
+    from wit_megatron.runtime.launch import run_distributed
 
     root, directory = ckpt.resolve(Path(checkpoint))
     arch = GPTArch.from_dict(ckpt.read_record(root, directory)["arch"])

@@ -1,4 +1,6 @@
-"""Run a function on N gloo ranks and bring its results (or its failures) back to the caller.
+"""Run a function on N local ranks and bring its results (or its failures) back to the caller.
+
+Used by tests, benchmarks and tools/verify_conversion.py on one machine (gloo on CPU).
 
 The function runs in a fresh interpreter that imports torch and megatron-core once and then forks
 the ranks, so N ranks cost one import (the import dominates start-up on a 2-core machine).
@@ -33,7 +35,7 @@ def run_distributed(target: str, world_size: int, timeout_s: float = 900, **kwar
     with tempfile.TemporaryDirectory(prefix="wit-dist-") as tmp:
         workdir = Path(tmp)
         torch.save(kwargs, workdir / "kwargs.pt")
-        cmd = [sys.executable, "-m", "wit_megatron.testing.distributed", target, str(world_size), tmp]
+        cmd = [sys.executable, "-m", "wit_megatron.runtime.launch", target, str(world_size), tmp]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         try:
             proc = subprocess.run(cmd, env=env, timeout=timeout_s, capture_output=True, text=True)
