@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def megatron_masked_ce_forward_step(data_iterator, model):
     """Megatron-LM pretrain_gpt's per-token loss: Σ loss·mask and the mask's token count."""
     from wit_megatron.batch import get_batch
-    from wit_megatron.train import unwrap
+    from wit_megatron.model import unwrap
 
     batch = get_batch(data_iterator, vp_stage=unwrap(model).vp_stage)
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])

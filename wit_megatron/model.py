@@ -43,6 +43,11 @@ class GPTArch:
     # The tokenizer's vocabulary when `vocab_size` includes padding rows (converters strip them on export).
     unpadded_vocab_size: Optional[int] = None
 
+    @property
+    def tokenizer_vocab_size(self) -> int:
+        """The vocabulary without padding rows (the HF model's)."""
+        return self.unpadded_vocab_size or self.vocab_size
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -125,6 +130,13 @@ def layer_spec(arch: GPTArch, kind: LayerSpec = "auto"):
     if kind == "te":
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
     return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The GPTModel inside DDP / Float16Module wrappers."""
+    while hasattr(module, "module"):
+        module = module.module
+    return module
 
 
 def build_model(arch: GPTArch, config, spec=None) -> list[torch.nn.Module]:

@@ -9,13 +9,7 @@ import torch
 
 from wit_megatron.batch import flatten_for_thd, get_batch, packed_attention_mask, packed_seq_params
 from wit_megatron.loss import reduce_reports, wit_loss
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers."""
-    while hasattr(module, "module"):
-        module = module.module
-    return module
+from wit_megatron.model import unwrap
 
 
 def forward_step(data_iterator: Optional[Iterator[dict]], model: torch.nn.Module):

@@ -14,7 +14,7 @@ from typing import Callable, Iterator, Sequence
 
 import torch
 
-from wit_megatron.train import unwrap
+from wit_megatron.model import unwrap
 
 _LAYER = re.compile(r"^decoder\.layers\.(\d+)\.")
 # Transformer Engine fuses the pre-attention / pre-MLP norms into the following linear layer.
