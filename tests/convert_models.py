@@ -12,7 +12,7 @@ BASE = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_lay
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
 
-# name -> (transformers config class, overrides). vocab 100 is padded (to 256 at max TP 2) on import.
+# name -> (transformers config class, overrides). vocab 100 needs no padding (every valid TP divides it).
 CASES = {
     "llama_gqa_tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
     "llama3_rope_scaling": ("LlamaConfig", dict(rope_parameters=LLAMA3_ROPE, max_position_embeddings=16384)),

@@ -91,11 +91,16 @@ def test_vocab_padding_is_sized_for_every_valid_tp():
     _, llama = family_for({"architectures": ["LlamaForCausalLM"]})
     base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8,
                 intermediate_size=48, max_position_embeddings=64)
-    arch = arch_from_hf_config(llama, dict(base, vocab_size=32000))
-    assert (arch.vocab_size, arch.unpadded_vocab_size) == (32768, 32000)  # multiple of 128 x tp 8
-    assert arch_from_hf_config(llama, dict(base, vocab_size=32000), vocab_multiple=128).vocab_size == 32000
+    # Only what every valid TP size (1, 2, 4, 8) needs: none for 32000, 7 rows for 32001.
+    assert (arch_from_hf_config(llama, dict(base, vocab_size=32000)).vocab_size) == 32000
+    arch = arch_from_hf_config(llama, dict(base, vocab_size=32001))
+    assert (arch.vocab_size, arch.unpadded_vocab_size) == (32008, 32001)
+    arch = arch_from_hf_config(llama, dict(base, vocab_size=32000), vocab_multiple=384)  # and every valid TP
+    assert (arch.vocab_size, arch.unpadded_vocab_size) == (32256, 32000)
     arch = arch_from_hf_config(llama, dict(base, vocab_size=49152, num_attention_heads=9, num_key_value_heads=3, hidden_size=576))
-    assert (arch.vocab_size, arch.unpadded_vocab_size) == (49152, None)  # SmolLM2: already a multiple of 128 x 3
+    assert (arch.vocab_size, arch.unpadded_vocab_size) == (49152, None)  # SmolLM2: TP 1 and 3 divide it
+    llama3 = dict(base, vocab_size=128256, num_attention_heads=32)
+    assert arch_from_hf_config(llama, llama3).vocab_size == 128256  # TP <= 8
 
 
 def test_impossible_layouts_name_the_valid_sizes(tiny):

@@ -32,7 +32,7 @@ def train_and_save(checkpoint: str, out: str, layout: tuple, tokens: torch.Tenso
     missing, unexpected = ckpt.load_into_model(chunks, directory)
     model = wrap_ddp(chunks, config)
 
-    data = synthetic_batch(4, SEQ_LEN, arch.unpadded_vocab_size, RoleWeights(0.0, 0.3, 1.0), seed=3)
+    data = synthetic_batch(4, SEQ_LEN, arch.tokenizer_vocab_size, RoleWeights(0.0, 0.3, 1.0), seed=3)
     dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
     per_rank = 4 // dp
     iterators = [micro_batches(data, dp_rank * per_rank, (dp_rank + 1) * per_rank, 1)

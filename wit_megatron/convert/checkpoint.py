@@ -191,7 +191,7 @@ def save_training_checkpoint(chunks: Sequence[torch.nn.Module], root: Path, iter
     """Save a training model (any layout; all ranks call this) the way Megatron-LM does: each chunk's
     sharded_state_dict under `model` (or `model0`, `model1`, ... with virtual pipelining)."""
     from wit_megatron.runtime.compat import save_distributed_checkpoint
-    from wit_megatron.train import unwrap
+    from wit_megatron.model import unwrap
 
     root = Path(root)
     directory = root / iteration_dir_name(iteration)
@@ -217,7 +217,7 @@ def load_into_model(chunks: Sequence[torch.nn.Module], path: Path) -> tuple[set,
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
-    from wit_megatron.train import unwrap
+    from wit_megatron.model import unwrap
 
     _, directory = resolve(path)
     models = [unwrap(c) for c in chunks]

@@ -27,8 +27,11 @@ def hf_to_megatron(argv=None) -> int:
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast weights (default: keep the file's dtype)")
     parser.add_argument("--layer-spec", choices=["te", "local"], default="te",
                         help="layer spec training should build (recorded; torch_dist keys are the same for both)")
-    parser.add_argument("--vocab-multiple", type=int,
-                        help="pad the vocabulary to a multiple of this (default 128 x the largest valid TP size)")
+    parser.add_argument("--vocab-multiple", type=int, metavar="N",
+                        help="pad the vocabulary to a multiple of N (and of every valid TP size), e.g. 128 for "
+                        "GPU-friendly shapes. Default: only what every valid TP size needs, usually nothing. "
+                        "Padded entries are not masked by Megatron-Core: their logits (0) enter every token's "
+                        "softmax, so the training loss differs from the HF model's, and the rows get gradients")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--dry-run", action="store_true", help="print the tensor mapping and write nothing")
     args = parser.parse_args(argv)

@@ -44,9 +44,21 @@ def max_tensor_parallel(num_attention_heads: int, num_query_groups: int) -> int:
     return math.gcd(num_attention_heads, num_query_groups)
 
 
+def padded_vocab_size(vocab: int, max_tp: int, vocab_multiple: Optional[int] = None) -> int:
+    """Rows of the Megatron embedding/output matrices: `vocab` rounded up to a multiple of `max_tp`
+    (the lcm of the valid TP sizes, which all divide it) and of `vocab_multiple` if given.
+
+    Padding is not free: Megatron-Core does not mask padded vocabulary entries, so their logits (0,
+    from the zero rows written here) enter the softmax of every token and the rows get gradients.
+    Without padding the training NLL equals the HF model's cross entropy."""
+    multiple = math.lcm(max_tp, vocab_multiple or 1)
+    return -(-vocab // multiple) * multiple
+
+
 def arch_from_hf_config(family: Family, config: dict, vocab_multiple: Optional[int] = None) -> GPTArch:
-    """The GPTArch of an HF config. Vocabulary rows are padded to a multiple of `vocab_multiple`
-    (default 128 × the largest valid TP size, so the checkpoint loads at every valid TP)."""
+    """The GPTArch of an HF config. Vocabulary rows are padded only as far as needed: to the smallest
+    multiple that every valid TP size divides (usually no padding), or, if `vocab_multiple` is given,
+    to the smallest multiple of both. Padded entries enter Megatron's softmax (see `padded_vocab_size`)."""
     for refusal in family.refusals:
         if not refusal.acceptable(config.get(refusal.key), config):
             raise ConversionError(f"config.json {refusal.key}={config.get(refusal.key)!r}: {refusal.why}")
@@ -65,8 +77,8 @@ def arch_from_hf_config(family: Family, config: dict, vocab_multiple: Optional[i
     if missing:
         raise ConversionError(f"config.json lacks {', '.join(family.config[k] for k in missing)}")
     vocab = fields["vocab_size"]
-    multiple = vocab_multiple or 128 * max_tensor_parallel(fields["num_attention_heads"], fields["num_query_groups"])
-    padded = -(-vocab // multiple) * multiple
+    padded = padded_vocab_size(vocab, max_tensor_parallel(fields["num_attention_heads"], fields["num_query_groups"]),
+                               vocab_multiple)
     if padded != vocab:
         fields["vocab_size"], fields["unpadded_vocab_size"] = padded, vocab
     return GPTArch(**fields)

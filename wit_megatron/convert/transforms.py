@@ -101,7 +101,7 @@ class PadVocab:
 
     def to_megatron(self, hf: Sequence[torch.Tensor], arch: GPTArch) -> torch.Tensor:
         (tensor,) = hf
-        vocab = arch.unpadded_vocab_size or arch.vocab_size
+        vocab = arch.tokenizer_vocab_size
         if tensor.shape[0] != vocab:
             raise ConversionError(f"has {tensor.shape[0]} rows, config says vocab_size={vocab}")
         padding = arch.vocab_size - vocab
@@ -110,7 +110,7 @@ class PadVocab:
         return torch.cat([tensor, tensor.new_zeros(padding, *tensor.shape[1:])])
 
     def to_hf(self, megatron: torch.Tensor, arch: GPTArch) -> list[torch.Tensor]:
-        return [megatron[: arch.unpadded_vocab_size or arch.vocab_size]]
+        return [megatron[: arch.tokenizer_vocab_size]]
 
 
 COPY = Copy()

@@ -23,6 +23,13 @@ def megatron_logits(checkpoint: str, layout: tuple, tokens: torch.Tensor, dtype:
 
     Returns {"logits": tensor or None (only the last stage's TP/DP rank 0 holds them),
     "missing": set, "unexpected": set} (checkpoint keys the model lacked / did not request)."""
+    chunks, arch, missing, unexpected = load_model(checkpoint, layout, dtype)
+    return {"logits": model_logits(chunks, arch, tokens), "missing": missing, "unexpected": unexpected}
+
+
+def load_model(checkpoint: str, layout: tuple, dtype: torch.dtype = torch.float32) -> tuple:
+    """(this rank's model chunks, GPTArch, missing keys, unexpected keys) of a checkpoint loaded at
+    `layout` = (tp, pp, vpp) through megatron-core's dist_checkpointing."""
     root, directory = ckpt.resolve(Path(checkpoint))
     arch = GPTArch.from_dict(ckpt.read_record(root, directory)["arch"])
     layout = ParallelLayout(*layout)
@@ -31,7 +38,7 @@ def megatron_logits(checkpoint: str, layout: tuple, tokens: torch.Tensor, dtype:
     config = transformer_config(arch, layout, dtype, calculate_per_token_loss=False)
     chunks = build_model(arch, config)
     missing, unexpected = ckpt.load_into_model(chunks, directory)
-    return {"logits": model_logits(chunks, arch, tokens), "missing": missing, "unexpected": unexpected}
+    return chunks, arch, missing, unexpected
 
 
 def model_logits(chunks, arch: GPTArch, tokens: torch.Tensor) -> Optional[torch.Tensor]:
@@ -42,7 +49,7 @@ def model_logits(chunks, arch: GPTArch, tokens: torch.Tensor) -> Optional[torch.
     from megatron.core import tensor_parallel
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
-    from wit_megatron.train import unwrap
+    from wit_megatron.model import unwrap
 
     for chunk in chunks:
         chunk.eval()
@@ -54,7 +61,7 @@ def model_logits(chunks, arch: GPTArch, tokens: torch.Tensor) -> Optional[torch.
 
     def loss_func(output: torch.Tensor):
         full = tensor_parallel.gather_from_tensor_model_parallel_region(output)  # [b, s, padded vocab]
-        gathered.append(full[..., : arch.unpadded_vocab_size or arch.vocab_size].float())
+        gathered.append(full[..., : arch.tokenizer_vocab_size].float())
         zero = output.sum() * 0.0
         return (zero, torch.tensor(1, dtype=torch.int), {}) if per_token else (zero, {})
 
@@ -123,7 +130,7 @@ def run_verification(hf_dir: Path, checkpoint: Path, layout: tuple) -> dict:
     arch = GPTArch.from_dict(ckpt.read_record(root, directory)["arch"])
     check_layout(arch, ParallelLayout(*layout))
     has_tokenizer = any((Path(hf_dir) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
-    tokens = default_tokens(arch.unpadded_vocab_size or arch.vocab_size, tokenizer_dir=hf_dir if has_tokenizer else None)
+    tokens = default_tokens(arch.tokenizer_vocab_size, tokenizer_dir=hf_dir if has_tokenizer else None)
     per_rank = run_distributed("wit_megatron.convert.verify:_rank_logits", layout[0] * layout[1],
                                checkpoint=str(checkpoint), layout=layout, tokens=tokens)
     (megatron,) = [r for r in per_rank if r is not None]
