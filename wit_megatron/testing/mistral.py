@@ -15,7 +15,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from wit_megatron.testing.smollm2 import cache_dir
+from wit_megatron.testing.smollm2 import cache_root
 
 MODEL_NAME = "tokenizer.model.v1"
 
@@ -32,7 +32,7 @@ def sentencepiece_path() -> Path:
 
 def tokenizer_dir() -> Path:
     source = sentencepiece_path()
-    target = cache_dir() / f"mistral-v1-tokenizer-legacy-{source.stat().st_size}"
+    target = cache_root() / f"mistral-v1-tokenizer-legacy-{source.stat().st_size}"
     if (target / "tokenizer.json").is_file():
         return target
     from transformers import LlamaTokenizer
