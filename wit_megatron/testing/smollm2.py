@@ -14,6 +14,7 @@ import importlib.util
 import os
 import shutil
 import tempfile
+from functools import lru_cache
 from pathlib import Path
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -46,6 +47,15 @@ def smollm2_dir() -> Path:
 def tokenizer_dir() -> Path:
     """The directory `AutoTokenizer.from_pretrained` reads SmolLM2's tokenizer from (the model directory)."""
     return smollm2_dir()
+
+
+@lru_cache(maxsize=None)
+def load_tokenizer():
+    """SmolLM2-135M-Instruct's tokenizer: byte-level BPE, 49152 ids, ChatML template, no BOS added,
+    eos = pad = <|im_end|> (id 2)."""
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(tokenizer_dir()))
 
 
 def _build(out: Path) -> None:
