@@ -6,6 +6,9 @@ Paper format (`PaperEncoder`), exactly the WIT authors' rule:
     ids      = tokenizer(p + " " + r).input_ids            (BOS as the tokenizer adds it)
     boundary = len(tokenizer(p).input_ids)                 a COUNT, not a token match
     roles    = PROMPT for ids[:boundary], RESPONSE for ids[boundary:]
+For GPT-2-style byte-level BPE (see `split_at_word_gap_is_exact`) the same ids and boundary come from
+one pass over the joined text cut in two at the prompt's last word gap plus the prompt's few tail
+characters; other tokenizers tokenize the prompt a second time, as the formula reads.
 
 Chat format (`ChatEncoder`): ids are exactly `tokenizer.apply_chat_template(messages, tokenize=True)`,
 i.e. the rendered text tokenized without added special tokens. Roles come from character spans:
@@ -23,6 +26,7 @@ records longer than its sequence.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence, Union
 
@@ -65,6 +69,56 @@ def _plain_call_backend(tokenizer):
     return backend
 
 
+# The GPT-2 pre-tokenizer regex that tokenizers' ByteLevel(use_regex=True) splits on.
+#   's|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+
+# No alternative has a lookbehind or an anchor, whitespace appears only as a match's first character
+# or in all-whitespace matches, and deciding where a match ends reads at most one character past it
+# (whitespace runs: the run and the character after it). Hence at a word gap, a non-whitespace
+# character followed by a whitespace one, (1) a split ends there, (2) the splits before it are the same
+# whether that whitespace character, any text after it, or the end of the text follows, and (3) the
+# splits after it are those of the rest of the text alone. With the gap's characters restricted to
+# ASCII, "whitespace" means the same to Python and to Oniguruma (not so for e.g. "\x1f").
+_LAST_WORD_GAP = re.compile(r".*[\x21-\x7e](?=[ \t\n\r])", re.DOTALL)  # greedy: ends at the last gap
+
+
+def last_word_gap(joined: str, prompt_length: int) -> int:
+    """Where to cut prompt + " " + response: at the last word gap whose whitespace character is inside
+    the prompt or is the added " " (so the prompt has its own cut there, or its end), else at 0."""
+    gap = _LAST_WORD_GAP.match(joined, 0, prompt_length + 1)
+    return gap.end() if gap else 0
+
+
+def split_at_word_gap_is_exact(tokenizer) -> bool:
+    """Whether, for this tokenizer, tokenizing a text cut in two at a word gap (see _LAST_WORD_GAP)
+    gives the ids of the whole text: true for GPT-2-style byte-level BPE (SmolLM2, GPT-2, StarCoder)
+    whose every piece is tokenized word by word:
+      - no normalizer (one could change characters across the cut),
+      - pre-tokenizer ByteLevel(use_regex=True, add_prefix_space=False): the regex above, no space
+        put in front of the second half,
+      - a deterministic BPE (no dropout), which tokenizes each word on its own,
+      - added tokens that cannot straddle or reach across the cut: no whitespace in their content,
+        no lstrip/rstrip/single_word,
+      - special tokens added only in front of a sequence (BOS), so that head + tail has them once.
+    Other families (SentencePiece/Metaspace, Llama-3/Qwen split regexes, normalizers) are not proven
+    here and take the plain two-pass path."""
+    from tokenizers import models, pre_tokenizers
+
+    backend = _plain_call_backend(tokenizer)
+    if backend is None or backend.normalizer is not None:
+        return False
+    pre = backend.pre_tokenizer
+    if not (isinstance(pre, pre_tokenizers.ByteLevel) and pre.use_regex and not pre.add_prefix_space):
+        return False
+    if not isinstance(backend.model, models.BPE) or backend.model.dropout not in (None, 0.0):
+        return False
+    for token in backend.get_added_tokens_decoder().values():
+        if token.lstrip or token.rstrip or token.single_word or any(ch.isspace() for ch in token.content):
+            return False
+    with_specials = backend.encode("a b", add_special_tokens=True).ids
+    plain = backend.encode("a b", add_special_tokens=False).ids
+    return with_specials[len(with_specials) - len(plain):] == plain
+
+
 class PaperEncoder:
     """The WIT authors' prompt/response tokenization (see the module docstring)."""
 
@@ -74,6 +128,7 @@ class PaperEncoder:
         self.tokenizer = tokenizer
         self.append_eos = append_eos
         self.eos_text = tokenizer.eos_token
+        self.split_at_word_gap = split_at_word_gap_is_exact(tokenizer)
 
     def texts(self, record: PaperRecord) -> tuple[str, str]:
         """(prompt text, prompt + " " + response text) exactly as the authors build them."""
@@ -85,23 +140,35 @@ class PaperEncoder:
             response = response.replace(EOS_PLACEHOLDER, self.eos_text)
         return prompt, prompt + " " + response
 
-    def _encode_texts(self, texts: list[str]) -> list[list[int]]:
+    def _encode_texts(self, texts: list[str], add_special_tokens: bool = True) -> list[list[int]]:
         """`tokenizer(texts).input_ids`, through the Rust backend directly when there is one: the same
         ids without building offsets and a BatchEncoding."""
         backend = _plain_call_backend(self.tokenizer)
         if backend is None:
-            return self.tokenizer(texts)["input_ids"]
+            return self.tokenizer(texts, add_special_tokens=add_special_tokens)["input_ids"]
         encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
-        return [e.ids for e in encode(texts, add_special_tokens=True)]
+        return [e.ids for e in encode(texts, add_special_tokens=add_special_tokens)]
+
+    def ids_and_boundaries(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[list[int]], list[int]]:
+        """For (prompt, joined) texts: tokenizer(joined).input_ids and len(tokenizer(prompt).input_ids)."""
+        n = len(pairs)
+        if not self.split_at_word_gap:  # the formula as it reads: two passes
+            ids = self._encode_texts([p for p, _ in pairs] + [j for _, j in pairs])
+            return ids[n:], [len(prompt_ids) for prompt_ids in ids[:n]]
+        # Cut each joined text at the last word gap that ends in the prompt or at its end (the added " ");
+        # the prompt then shares the head's tokens and only its tail (often "" or "\n") is tokenized again.
+        cuts = [last_word_gap(joined, len(prompt)) for prompt, joined in pairs]
+        heads = self._encode_texts([j[:c] for (_, j), c in zip(pairs, cuts)])
+        tails = self._encode_texts([j[c:] for (_, j), c in zip(pairs, cuts)]
+                                   + [p[c:] for (p, _), c in zip(pairs, cuts)], add_special_tokens=False)
+        ids = [head + tail for head, tail in zip(heads, tails[:n])]
+        return ids, [len(head) + len(prompt_tail) for head, prompt_tail in zip(heads, tails[n:])]
 
     def encode_batch(self, records: Sequence[PaperRecord]) -> list[Union[Encoded, RecordError]]:
-        """One tokenizer pass over all prompts and joined texts of the batch."""
-        pairs = [self.texts(r) for r in records]
-        ids = self._encode_texts([p for p, _ in pairs] + [j for _, j in pairs])
+        """All prompts and joined texts of the batch in one go (see ids_and_boundaries)."""
+        all_ids, boundaries = self.ids_and_boundaries([self.texts(r) for r in records])
         out: list[Union[Encoded, RecordError]] = []
-        for i in range(len(records)):
-            prompt_ids, joint_ids = ids[i], ids[len(records) + i]
-            boundary = len(prompt_ids)
+        for joint_ids, boundary in zip(all_ids, boundaries):
             if boundary >= len(joint_ids):
                 out.append(RecordError(
                     "no_response_tokens",
