@@ -31,6 +31,7 @@ from wit_megatron.data.tokenize import (
 from wit_megatron.roles import Role
 
 MAX_ERROR_EXAMPLES = 20
+_ROLE_NAMES = [Role(code).name.lower() for code in range(len(Role))]  # indexed by role code
 
 
 class PreprocessError(ValueError):
@@ -93,9 +94,8 @@ class Report:
         self.tokens += n
         self.truncated += was_truncated
         self.formats[fmt] = self.formats.get(fmt, 0) + 1
-        counts = np.bincount(encoded.roles, minlength=len(Role))
-        for r in Role:
-            self.tokens_by_role[r.name.lower()] += int(counts[r])
+        for name, count in zip(_ROLE_NAMES, np.bincount(encoded.roles, minlength=len(Role)).tolist()):
+            self.tokens_by_role[name] += count
         key = f"<={1 << max(0, (n - 1).bit_length())}"
         self.length_histogram[key] = self.length_histogram.get(key, 0) + 1
         self.max_length_seen = max(self.max_length_seen, n)
