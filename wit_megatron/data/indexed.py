@@ -56,9 +56,10 @@ class WITIndexedWriter:
             raise ValueError(f"{len(ids)} ids but {len(roles)} role codes")
         if len(ids) and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
             raise ValueError(f"token id out of range [0, {self.vocab_size}): min {ids.min()}, max {ids.max()}")
-        n = [len(ids)]
-        self._tokens.add_document(torch.from_numpy(np.ascontiguousarray(ids)), n)
-        self._roles.add_document(torch.from_numpy(np.ascontiguousarray(roles, dtype=np.uint8)), n)
+        self._tokens.add_item(torch.from_numpy(np.ascontiguousarray(ids)))
+        self._tokens.end_document()
+        self._roles.add_item(torch.from_numpy(np.ascontiguousarray(roles, dtype=np.uint8)))
+        self._roles.end_document()
 
     def finalize(self, meta: dict) -> None:
         from megatron.core.datasets.indexed_dataset import get_idx_path
