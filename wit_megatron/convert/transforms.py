@@ -80,14 +80,18 @@ class ConcatGateUp:
 
     name = "gate|up concat"
 
-    def to_megatron(self, hf: Sequence[torch.Tensor], arch: GPTArch) -> torch.Tensor:
+    def pieces(self, hf: Sequence[torch.Tensor], arch: GPTArch) -> list[torch.Tensor]:
+        """The pieces megatron-core's gated-MLP factory saves, in its order: [gate, up]."""
         gate, up = hf
         if gate.shape != up.shape or gate.shape[0] != arch.ffn_hidden_size:
             raise ConversionError(
                 f"gate {tuple(gate.shape)} and up {tuple(up.shape)} must both have "
                 f"intermediate_size={arch.ffn_hidden_size} rows"
             )
-        return torch.cat([gate, up], dim=0)
+        return [gate, up]
+
+    def to_megatron(self, hf: Sequence[torch.Tensor], arch: GPTArch) -> torch.Tensor:
+        return torch.cat(self.pieces(hf, arch), dim=0)
 
     def to_hf(self, megatron: torch.Tensor, arch: GPTArch) -> list[torch.Tensor]:
         return list(megatron.chunk(2, dim=0))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
-from pathlib import Path
+import queue
 from functools import lru_cache
+from pathlib import Path
+from typing import Iterator, Optional
 
 import torch
 
@@ -12,8 +15,9 @@ import torch
 @lru_cache(maxsize=None)
 def megatron_core_version() -> tuple[int, ...]:
     from megatron.core.package_info import __version__
+    from packaging.version import Version
 
-    return tuple(int(p) for p in __version__.split(".")[:3] if p.isdigit())
+    return Version(__version__).release  # "0.19.2+17ab756" -> (0, 19, 2)
 
 
 def slice_for_context_parallel(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -33,21 +37,46 @@ def slice_for_context_parallel(batch: dict[str, torch.Tensor]) -> dict[str, torc
     return get_batch_on_this_cp_rank(dict(batch), cp_group=group)
 
 
-def save_distributed_checkpoint(sharded_state_dict: dict, directory) -> None:
+def save_distributed_checkpoint(sharded_state_dict: dict, directory, writers: Optional[int] = None) -> None:
     """`dist_checkpointing.save` in the torch_dist format, readable by megatron-core 0.16 and later.
+
+    `writers`: files (and writer processes) per rank, megatron-core's `thread_count` (its default
+    when None: 2 in 0.16, 1 in 0.19). The save is synchronous, so the write results are passed
+    through an in-process queue (see `_in_process_write_results`).
 
     0.17+ keeps the common (non-tensor) state inside the checkpoint files and writes no `common.pt`,
     which 0.16 requires; 0.17+ still prefers a `common.pt` when present. So after a 0.17+ save,
     rank 0 writes the same common state to `common.pt` as well.
     """
     from megatron.core import dist_checkpointing
+    from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
 
-    dist_checkpointing.save(sharded_state_dict, str(directory))
-    _stop_writer_results_manager()
+    strategy = get_default_save_sharded_strategy()
+    if writers is not None:
+        strategy.thread_count = writers
+    with _in_process_write_results():
+        dist_checkpointing.save(sharded_state_dict, str(directory), sharded_strategy=strategy)
     if megatron_core_version() >= (0, 17) and torch.distributed.get_rank() == 0:
         common = dist_checkpointing.load_common_state_dict(str(directory))
         torch.save(common, Path(directory) / "common.pt")  # 0.16's COMMON_STATE_FNAME
     torch.distributed.barrier()
+
+
+@contextlib.contextmanager
+def _in_process_write_results() -> Iterator[None]:
+    """The torch_dist writer hands its write results from the writing function to `finalize` through
+    a module-level queue that it creates as a spawn-context `Manager().Queue()` (0.16 and 0.19 alike):
+    starting that manager launches a fresh interpreter (~1 s here) and it must be shut down again
+    (~0.6 s; left running it outlives ranks that end with os._exit and holds their output pipes).
+    In a synchronous save both ends run in this process, so a plain queue does the same job."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    previous = filesystem_async._results_queue
+    filesystem_async._results_queue = queue.Queue()
+    try:
+        yield
+    finally:
+        filesystem_async._results_queue = previous
 
 
 @lru_cache(maxsize=None)
@@ -58,15 +87,3 @@ def blended_dataset_caches_without_process_group() -> bool:
     from megatron.core.datasets.blended_dataset import BlendedDataset
 
     return "is_initialized" in inspect.getsource(BlendedDataset._build_indices)
-
-
-def _stop_writer_results_manager() -> None:
-    """Shut down the spawn-context Manager process the torch_dist writer caches for its results queue
-    (0.16 and 0.19 alike). Left running, it outlives a rank that ends with os._exit (forked test
-    ranks) and holds its parent's output pipes open; the next save starts a fresh one."""
-    from megatron.core.dist_checkpointing.strategies import filesystem_async
-
-    manager = getattr(getattr(filesystem_async, "_results_queue", None), "_manager", None)
-    if manager is not None:
-        manager.shutdown()
-        filesystem_async._results_queue = None
