@@ -1,18 +1,21 @@
-"""Benchmark both conversion directions against a plain copy of the same bytes.
+"""Benchmark both conversion directions against plain copies of the same bytes and a peer converter.
 
 Generates a synthetic Llama-architecture HF checkpoint (random weights, sharded safetensors) of about
 --gb gigabytes, then runs, each as its own process measured with GNU time (wall time, peak RSS):
-a file copy of the weights (the limit), the interpreter + imports alone (fixed overhead), HF -> Megatron,
-Megatron -> HF, and Megatron-Bridge's AutoBridge when it is installed. Prints ratios:
-time / copy time and peak RSS / model bytes (and / largest layer for Megatron -> HF).
+the limits (`cp -r`, which copies inside the kernel with copy_file_range; `dd` through user space;
+`dd conv=fsync`, as durable as megatron-core's writer, which fsyncs every file), the interpreter +
+imports alone (fixed overhead), HF -> Megatron, Megatron -> HF, and Megatron-Bridge's AutoBridge
+(bench/peer_megatron_bridge.py) when `--peer-python` can import it. Prints ratios: time / copy time,
+time / durable copy time, peak RSS / model bytes (and / largest layer).
 
-    python bench/bench_convert.py --gb 3 --workdir /tmp/wit-bench
+    python bench/bench_convert.py --gb 3 --workdir /tmp/wit-bench \
+        [--peer-python /work/venv312/bin/python --peer-pythonpath /work/venv312/peer-overlay]
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
+import os
 import json
 import shutil
 import subprocess
@@ -67,15 +70,41 @@ def make_checkpoint(directory: Path, gb: float, dtype: str) -> dict:
     return {"bytes": total, "layer_bytes": layer_bytes, "layers": layers}
 
 
-def measure(label: str, cmd: list[str]) -> dict:
+def measure(label: str, cmd: list[str], env: dict | None = None) -> dict:
     """Run `cmd` under GNU time: wall seconds and peak RSS (bytes) of the command itself (a
     Python-forked child would report the parent's RSS as its floor)."""
     proc = subprocess.run(["/usr/bin/time", "-f", "WITBENCH %e %M", *cmd], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
+                          stderr=subprocess.PIPE, text=True, env=env)
     if proc.returncode != 0:
         raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
     wall, kib = proc.stderr.rsplit("WITBENCH ", 1)[1].split()
     return {"label": label, "wall_s": float(wall), "peak_rss": int(kib) * 1024}
+
+
+def dd_copy(source: Path, dest: Path, fsync: bool) -> list[str]:
+    """Each file read into user space and written in 64 MiB blocks (optionally fsynced): a shell loop."""
+    sync = " conv=fsync" if fsync else ""
+    return ["sh", "-c", f'mkdir -p "{dest}" && for f in "{source}"/*; do '
+                        f'dd if="$f" of="{dest}/$(basename "$f")" bs=64M status=none{sync} || exit 1; done']
+
+
+def peer_runs(args, hf: Path, workdir: Path) -> tuple[list[dict], str]:
+    """Megatron-Bridge's HF -> Megatron and Megatron -> HF, if `--peer-python` can import it."""
+    script = str(ROOT / "bench/peer_megatron_bridge.py")
+    env = dict(os.environ)
+    if args.peer_pythonpath:
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (args.peer_pythonpath, env.get("PYTHONPATH")) if p)
+    check = subprocess.run([args.peer_python, script, "check"], capture_output=True, text=True, env=env)
+    if check.returncode != 0:
+        return [], f"peer converter (Megatron-Bridge, {args.peer_python}): " + check.stderr.strip().splitlines()[-1]
+    version = check.stdout.strip().splitlines()[-1]
+    megatron, back = workdir / "peer-megatron", workdir / "peer-back"
+    runs = [
+        measure("peer HF -> Megatron", [args.peer_python, script, "import", "--hf", str(hf), "--out", str(megatron)], env),
+        measure("peer Megatron -> HF", [args.peer_python, script, "export", "--hf", str(hf), "--megatron", str(megatron),
+                                        "--out", str(back)], env),
+    ]
+    return runs, f"peer converter: {version} (AutoBridge, local layer spec, CPU), python {args.peer_python}"
 
 
 def main() -> None:
@@ -83,29 +112,35 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=3.0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/wit-bench"))
+    parser.add_argument("--peer-python", default=sys.executable, help="interpreter that has megatron-bridge")
+    parser.add_argument("--peer-pythonpath", help="prepended to PYTHONPATH for the peer only (its transformers pin)")
     args = parser.parse_args()
     shutil.rmtree(args.workdir, ignore_errors=True)
-    hf, megatron, back, copy = (args.workdir / n for n in ("hf", "megatron", "back", "copy"))
+    hf, megatron, back = (args.workdir / n for n in ("hf", "megatron", "back"))
     sizes = make_checkpoint(hf, args.gb, args.dtype)
     py = sys.executable
     runs = [
-        measure("copy (cp -r, same bytes)", ["cp", "-r", str(hf), str(copy)]),
+        measure("copy (cp -r)", ["cp", "-r", str(hf), str(args.workdir / "copy")]),
+        measure("copy (dd, user space)", dd_copy(hf, args.workdir / "dd", fsync=False)),
+        measure("durable copy (dd, fsync)", dd_copy(hf, args.workdir / "dd-fsync", fsync=True)),
         measure("python + imports only", [py, "-c", "import wit_megatron.convert.hf_to_mcore, wit_megatron.convert.mcore_to_hf, "
                                                    "megatron.core.dist_checkpointing"]),
         measure("HF -> Megatron", [py, str(ROOT / "tools/convert_hf_to_megatron.py"), "--hf", str(hf), "--out", str(megatron)]),
         measure("Megatron -> HF", [py, str(ROOT / "tools/convert_megatron_to_hf.py"), "--megatron", str(megatron), "--out", str(back)]),
     ]
-    peer = "megatron.bridge" if importlib.util.find_spec("megatron.bridge") else None
-    copy_s = runs[0]["wall_s"]
+    for copy in ("copy", "dd", "dd-fsync"):
+        shutil.rmtree(args.workdir / copy)
+    peer, peer_line = peer_runs(args, hf, args.workdir)
+    runs += peer
+    copy_s, durable_s = runs[0]["wall_s"], runs[2]["wall_s"]
     gib = 1024**3
     print(f"model: {sizes['layers']} layers, {sizes['bytes'] / gib:.2f} GiB ({args.dtype}); largest layer "
           f"{sizes['layer_bytes'] / gib:.3f} GiB; python {sys.version.split()[0]}")
-    print(f"{'run':28} {'wall s':>8} {'/copy':>7} {'peak RSS GiB':>13} {'RSS/model':>10} {'RSS/layer':>10}")
+    print(f"{'run':28} {'wall s':>8} {'/copy':>7} {'/durable':>9} {'peak RSS GiB':>13} {'RSS/model':>10} {'RSS/layer':>10}")
     for r in runs:
-        print(f"{r['label']:28} {r['wall_s']:8.2f} {r['wall_s'] / copy_s:7.2f} {r['peak_rss'] / gib:13.2f} "
-              f"{r['peak_rss'] / sizes['bytes']:10.2f} {r['peak_rss'] / sizes['layer_bytes']:10.1f}")
-    print("peer converter: " + ("megatron-bridge is installed but not wired into this bench" if peer else
-                                "not run (megatron-bridge is not installed in this environment)"))
+        print(f"{r['label']:28} {r['wall_s']:8.2f} {r['wall_s'] / copy_s:7.2f} {r['wall_s'] / durable_s:9.2f} "
+              f"{r['peak_rss'] / gib:13.2f} {r['peak_rss'] / sizes['bytes']:10.2f} {r['peak_rss'] / sizes['layer_bytes']:10.1f}")
+    print(peer_line)
     shutil.rmtree(args.workdir, ignore_errors=True)
 
 
