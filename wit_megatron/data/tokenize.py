@@ -90,8 +90,7 @@ def last_word_gap(joined: str, prompt_length: int) -> int:
 
 def split_at_word_gap_is_exact(tokenizer) -> bool:
     """Whether, for this tokenizer, tokenizing a text cut in two at a word gap (see _LAST_WORD_GAP)
-    gives the ids of the whole text: true for GPT-2-style byte-level BPE (SmolLM2, GPT-2, StarCoder)
-    whose every piece is tokenized word by word:
+    gives the ids of the whole text: true for GPT-2-style byte-level BPE (tested on SmolLM2's), given:
       - no normalizer (one could change characters across the cut),
       - pre-tokenizer ByteLevel(use_regex=True, add_prefix_space=False): the regex above, no space
         put in front of the second half,
