@@ -72,7 +72,9 @@ def make_checkpoint(directory: Path, gb: float, dtype: str) -> dict:
 
 def measure(label: str, cmd: list[str], env: dict | None = None) -> dict:
     """Run `cmd` under GNU time: wall seconds and peak RSS (bytes) of the command itself (a
-    Python-forked child would report the parent's RSS as its floor)."""
+    Python-forked child would report the parent's RSS as its floor). Dirty pages of earlier runs
+    are flushed first, so that no run pays for another's writeback."""
+    subprocess.run(["sync"], check=True)
     proc = subprocess.run(["/usr/bin/time", "-f", "WITBENCH %e %M", *cmd], stdout=subprocess.DEVNULL,
                           stderr=subprocess.PIPE, text=True, env=env)
     if proc.returncode != 0:
@@ -119,17 +121,21 @@ def main() -> None:
     hf, megatron, back = (args.workdir / n for n in ("hf", "megatron", "back"))
     sizes = make_checkpoint(hf, args.gb, args.dtype)
     py = sys.executable
-    runs = [
-        measure("copy (cp -r)", ["cp", "-r", str(hf), str(args.workdir / "copy")]),
-        measure("copy (dd, user space)", dd_copy(hf, args.workdir / "dd", fsync=False)),
-        measure("durable copy (dd, fsync)", dd_copy(hf, args.workdir / "dd-fsync", fsync=True)),
+    copy = args.workdir / "copy"
+    runs = []
+    for label, cmd in (("copy (cp -r)", ["cp", "-r", str(hf), str(copy)]),
+                       ("copy (dd, user space)", dd_copy(hf, copy, fsync=False)),
+                       ("durable copy (dd, fsync)", dd_copy(hf, copy, fsync=True))):
+        runs.append(measure(label, cmd))
+        shutil.rmtree(copy)  # each run writes into the same free memory
+    runs += [
         measure("python + imports only", [py, "-c", "import wit_megatron.convert.hf_to_mcore, wit_megatron.convert.mcore_to_hf, "
                                                    "megatron.core.dist_checkpointing"]),
         measure("HF -> Megatron", [py, str(ROOT / "tools/convert_hf_to_megatron.py"), "--hf", str(hf), "--out", str(megatron)]),
         measure("Megatron -> HF", [py, str(ROOT / "tools/convert_megatron_to_hf.py"), "--megatron", str(megatron), "--out", str(back)]),
     ]
-    for copy in ("copy", "dd", "dd-fsync"):
-        shutil.rmtree(args.workdir / copy)
+    shutil.rmtree(megatron)
+    shutil.rmtree(back)
     peer, peer_line = peer_runs(args, hf, args.workdir)
     runs += peer
     copy_s, durable_s = runs[0]["wall_s"], runs[2]["wall_s"]
