@@ -95,12 +95,14 @@ def _main(target: str, world_size: int, workdir: Path) -> int:
     for p in procs:
         p.start()
     # A rank that fails leaves its peers blocked in a collective: stop them all.
+    stopped = set()
     while any(p.is_alive() for p in procs):
         if any(p.exitcode not in (None, 0) for p in procs):
             time.sleep(2)  # let the failing rank's peers write their own errors if they can
-            for p in procs:
+            for r, p in enumerate(procs):
                 if p.is_alive():
                     p.kill()
+                    stopped.add(r)
             break
         time.sleep(0.05)
     for p in procs:
@@ -108,7 +110,9 @@ def _main(target: str, world_size: int, workdir: Path) -> int:
     failed = [r for r, p in enumerate(procs) if p.exitcode != 0]
     for r in failed:
         err = workdir / f"rank{r}.err"
-        if not err.exists():
+        if r in stopped:
+            err.write_text(f"rank {r} was stopped after another rank failed\n")
+        elif not err.exists():
             err.write_text(f"rank {r} exited with code {procs[r].exitcode} without a Python traceback\n")
     return 1 if failed else 0
 
