@@ -118,3 +118,16 @@ def test_reduce_reports_sums_pairs_then_divides():
     assert out["lm loss tokens"] == 8
     assert out["prompt nll"] == 0.0 and out["prompt nll tokens"] == 0
     assert math.isfinite(out["prompt nll"])
+
+
+def test_per_token_nll_from_tensor_parallel_logits_equals_cross_entropy():
+    from wit_megatron.runtime.launch import run_distributed
+
+    results = run_distributed("tests.scenarios.plumbing:nll_from_sharded_logits", 2, tp=2)
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 16, generator=gen) * 4
+    labels = torch.randint(0, 16, (2, 5), generator=gen)
+    expected = torch.nn.functional.cross_entropy(logits.reshape(-1, 16), labels.reshape(-1), reduction="none").reshape(2, 5)
+    for nll in results:
+        assert nll.shape == (2, 5)
+        torch.testing.assert_close(nll, expected, rtol=1e-5, atol=1e-5)

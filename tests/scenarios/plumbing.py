@@ -45,3 +45,17 @@ def run(layouts: list[tuple], packed: bool) -> list[dict]:
                 "error": error,
             })
     return out
+
+
+def nll_from_sharded_logits(tp: int) -> torch.Tensor:
+    """per_token_nll_from_logits on this TP rank's vocab shard of seeded full logits [2, 5, 16]."""
+    from megatron.core import parallel_state as ps
+
+    from wit_megatron.loss import per_token_nll_from_logits
+
+    init_model_parallel(ParallelLayout(tp=tp))
+    gen = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 5, 16, generator=gen) * 4
+    labels = torch.randint(0, 16, (2, 5), generator=gen)
+    shard = logits.chunk(tp, dim=-1)[ps.get_tensor_model_parallel_rank()]
+    return per_token_nll_from_logits(shard, labels)
