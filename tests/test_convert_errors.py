@@ -4,6 +4,7 @@ exit 2 and leave no output behind; a dry run prints the mapping and writes nothi
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -117,6 +118,20 @@ def test_impossible_layouts_name_the_valid_sizes(tiny):
 def test_megatron_side_errors(tmp_path):
     with pytest.raises(ConversionError, match=r"not a Megatron checkpoint \(no latest_checkpointed_iteration.txt"):
         convert_megatron_to_hf(tmp_path, tmp_path / "out")
+    # A record that does not describe the stored tensors: named key, stored and expected shapes.
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(ROOT / "tests/data/convert/tiny-llama-mcore-0.16.1", checkpoint)
+    record = json.loads((checkpoint / "wit_megatron.json").read_text())
+    record["arch"]["ffn_hidden_size"] = 40
+    (checkpoint / "wit_megatron.json").write_text(json.dumps(record))
+    with pytest.raises(ConversionError, match=r"decoder.layers.mlp.linear_fc1.weight has shape \(4, 96, 32\), "
+                                              r"the recorded architecture needs \(4, 80, 32\)"):
+        convert_megatron_to_hf(checkpoint, tmp_path / "out")
+    record["arch"]["ffn_hidden_size"], record["arch"]["tie_embeddings"] = 48, False
+    (checkpoint / "wit_megatron.json").write_text(json.dumps(record))
+    with pytest.raises(ConversionError, match=r"checkpoint lacks output_layer.weight"):
+        convert_megatron_to_hf(checkpoint, tmp_path / "out")
+    assert not (tmp_path / "out").exists()
 
 
 def test_cli_refuses_existing_output_and_prints_a_dry_run(tiny, tmp_path):

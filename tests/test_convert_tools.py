@@ -1,5 +1,5 @@
 """The verify tool passes a faithful conversion and fails (exit 1) a different model; the family tables'
-local-spec names are exactly the local GPTModel's parameters."""
+local-spec names and checkpoint shapes are exactly those of megatron-core's GPTModel."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from tests.convert_models import CASES, build
-from wit_megatron.convert.families import family_for
+from wit_megatron.convert.families import family_for, megatron_shapes
 from wit_megatron.convert.hf_config import arch_from_hf_config
 from wit_megatron.runtime.launch import run_distributed
 
@@ -35,19 +35,24 @@ def test_verify_tool_reports_and_fails_beyond_tolerance(tmp_path):
     assert not json.loads(bad.stdout[bad.stdout.index("{"):])["ok"]
 
 
-def test_local_spec_names_in_the_tables_cover_the_model():
-    archs, expected = [], []
+def test_family_tables_match_the_model_megatron_core_builds():
+    """Local-spec parameter names and checkpoint shapes (`megatron_shapes`, which the exporter checks
+    checkpoints against without building a model) equal those of megatron-core's own GPTModel."""
+    import transformers
+
+    from tests.convert_models import BASE
+
+    archs, names, shapes = [], [], []
     for name, (config_class, overrides) in CASES.items():
-        import transformers
-
-        from tests.convert_models import BASE
-
         config = getattr(transformers, config_class)(**dict(BASE, **overrides)).to_dict()
         config["architectures"] = [config_class.replace("Config", "ForCausalLM")]
         _, family = family_for(config)
         arch = arch_from_hf_config(family, config)
         archs.append(arch.to_dict())
-        expected.append(sorted(rule.param_name("local", layer) for rule in family.rules_for(arch)
-                               for layer in (range(arch.num_layers) if rule.per_layer else [None])))
-    actual = run_distributed("tests.scenarios.convert_cases:local_param_names", 1, archs=archs)[0]
-    assert actual == expected
+        rules = family.rules_for(arch)
+        names.append(sorted(rule.param_name("local", layer) for rule in rules
+                            for layer in (range(arch.num_layers) if rule.per_layer else [None])))
+        shapes.append({rule.megatron: megatron_shapes(arch)[rule.megatron] for rule in rules})
+    models = run_distributed("tests.scenarios.convert_cases:single_rank_models", 1, archs=archs)[0]
+    assert [m["names"] for m in models] == names
+    assert [m["shapes"] for m in models] == shapes

@@ -56,10 +56,16 @@ def export(checkpoint: str, out: str) -> None:
     convert_megatron_to_hf(checkpoint, out, progress=False)
 
 
-def local_param_names(archs: list[dict]) -> list[list[str]]:
-    """One rank: parameter names of a single-rank GPTModel (local layer spec) of each GPTArch dict."""
-    from wit_megatron.convert.checkpoint import ensure_single_process, meta_model
+def single_rank_models(archs: list[dict]) -> list[dict]:
+    """One rank: of a single-rank GPTModel (local layer spec) of each GPTArch dict, the sorted parameter
+    names and {checkpoint key: shape of one layer's tensor} of its sharded_state_dict."""
+    from wit_megatron.convert.checkpoint import ensure_single_process, meta_model, tensor_entries
     from wit_megatron.model import GPTArch
 
     ensure_single_process()
-    return [sorted(n for n, _ in meta_model(GPTArch.from_dict(a), torch.float32).named_parameters()) for a in archs]
+    out = []
+    for arch in archs:
+        model = meta_model(GPTArch.from_dict(arch), torch.float32)
+        shapes = {key: tuple(entry.data.shape) for _, key, _, entry in tensor_entries(model.sharded_state_dict())}
+        out.append({"names": sorted(n for n, _ in model.named_parameters()), "shapes": shapes})
+    return out

@@ -1,9 +1,9 @@
 """Megatron-Core torch_dist checkpoint (converted or saved by training, any layout) -> Hugging Face.
 
-Reads one layer at a time through megatron-core's `dist_checkpointing.load` with a partial
-sharded_state_dict (the checkpoint's layer axis sliced by the ShardedTensor offsets), so resident
-memory is about one layer; every output tensor's name, dtype and shape is planned from the
-checkpoint metadata first, and safetensors shards are streamed to disk as layers arrive.
+Every output tensor's name, dtype and shape is planned first from the checkpoint's DCP metadata and
+its architecture record (no model is built and megatron-core is not imported). Then one layer at a
+time is read through torch DCP (`torch_dist_reader`), so resident memory is about one layer, and
+safetensors shards are streamed to disk as layers arrive.
 """
 
 from __future__ import annotations
@@ -11,15 +11,16 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import torch
 
 from wit_megatron.convert import checkpoint as ckpt
-from wit_megatron.convert.families import family_for
+from wit_megatron.convert.families import Family, Rule, family_for, megatron_shapes
 from wit_megatron.convert.safetensors_io import PlannedTensor, StreamingSafetensorsWriter
-from wit_megatron.convert.torch_dist_reader import read_regions, tensor_metadata
+from wit_megatron.convert.torch_dist_reader import TorchDistReader
 from wit_megatron.convert.transforms import ConversionError
 from wit_megatron.model import GPTArch
 
@@ -40,56 +41,81 @@ def convert_megatron_to_hf(megatron: Path, out: Path, force: bool = False, dry_r
     if out.exists() and not force and not dry_run:
         raise ConversionError(f"output directory {out} exists; pass --force to replace it")
 
-    ckpt.ensure_single_process()
-    stored = tensor_metadata(directory)
-    model = ckpt.meta_model(arch, getattr(torch, record["dtype"]))
-    rules = {r.megatron: r for r in family.rules_for(arch)}
-    entries = list(ckpt.tensor_entries(model.sharded_state_dict()))
-    tensors, layer_plans = [], []
-    for name, key, layer, entry in entries:
-        if key not in stored:
-            raise ConversionError(f"{directory}: checkpoint lacks {key} (its record describes a different model?)")
-        expected = _global_shape(entry, arch)
-        if tuple(stored[key].size) != expected:
-            raise ConversionError(
-                f"{directory}: {key} has shape {tuple(stored[key].size)}, the recorded architecture needs {expected}"
-            )
-        rule = rules[key]
-        dtype = stored[key].properties.dtype
-        meta = torch.empty(entry.data.shape, dtype=dtype, device="meta")
-        hf = rule.transform.to_hf(meta, arch)
-        planned = [PlannedTensor(n, dtype, tuple(t.shape)) for n, t in zip(rule.hf_names(layer), hf)]
-        tensors.append((name, rule, layer, entry, planned))
-        layer_plans.extend(planned)
+    reader = TorchDistReader(directory)
+    layers = plan(directory, family, arch, reader.tensors)
     if dry_run:
-        for name, rule, layer, entry, planned in tensors:
-            target = rule.megatron if layer is None else f"{rule.megatron}[{layer}]"
-            print(f"{target} {list(entry.data.shape)} -> " + " + ".join(f"{p.name} {list(p.shape)}" for p in planned)
-                  + f" ({rule.transform.name})")
+        for group in layers:
+            for item in group:
+                print(f"{item.target} {list(item.shape)} -> "
+                      + " + ".join(f"{p.name} {list(p.shape)}" for p in item.planned) + f" ({item.rule.transform.name})")
         return None
 
-    bar = tqdm_bar(len(tensors), progress)
+    planned = [p for group in layers for item in group for p in item.planned]
+    bar = tqdm_bar(sum(map(len, layers)), progress)
     with ckpt.atomic_output_dir(out, force) as tmp:
-        writer = StreamingSafetensorsWriter(tmp, layer_plans, max_shard_bytes)
-        # One tensor at a time: resident memory is about the largest Megatron tensor.
-        for _, rule, layer, entry, planned in tensors:
-            buffer = torch.empty(entry.data.shape, dtype=stored[entry.key].properties.dtype)
-            if layer is None:
-                read_regions(directory, {entry.key: ((0,) * buffer.dim(), buffer)})
-            else:  # stacked: [1, ...] at (layer, 0, ...)
-                read_regions(directory, {entry.key: ((layer,) + (0,) * buffer.dim(), buffer.unsqueeze(0))})
-            for p, tensor in zip(planned, rule.transform.to_hf(buffer, arch)):
-                writer.write(p.name, tensor)
-            bar.update(1)
+        writer = StreamingSafetensorsWriter(tmp, planned, max_shard_bytes)
+        # One DCP read per layer (per embedding / final-norm / output group): resident memory is about
+        # one layer, and the per-read overhead of DCP is paid once per layer instead of per tensor.
+        for group in layers:
+            buffers = [torch.empty(item.shape, dtype=item.dtype) for item in group]
+            reader.read({item.rule.megatron: item.region(buffer) for item, buffer in zip(group, buffers)})
+            for item, buffer in zip(group, buffers):
+                for p, tensor in zip(item.planned, item.rule.transform.to_hf(buffer, arch)):
+                    writer.write(p.name, tensor)
+                bar.update(1)
+            del buffers
         writer.finish()
-        _write_configs(root, tmp, hf_config, layer_plans)
+        _write_configs(root, tmp, hf_config, planned)
     bar.close()
     return out
 
 
-def _global_shape(entry, arch: GPTArch) -> tuple[int, ...]:
-    shape = tuple(entry.data.shape)
-    return (arch.num_layers, *shape) if entry.key.startswith("decoder.layers.") else shape
+@dataclass(frozen=True)
+class Item:
+    """One Megatron tensor (one layer of a stacked key) and the HF tensors it becomes."""
+
+    rule: Rule
+    layer: Optional[int]
+    shape: tuple[int, ...]  # of this layer's tensor
+    dtype: torch.dtype
+    planned: list[PlannedTensor]
+
+    @property
+    def target(self) -> str:
+        return self.rule.megatron if self.layer is None else f"{self.rule.megatron}[{self.layer}]"
+
+    def region(self, buffer: torch.Tensor) -> tuple[tuple[int, ...], torch.Tensor]:
+        """(global offsets, destination) of this item: a stacked key is read as [1, ...] at its layer."""
+        if self.layer is None:
+            return (0,) * buffer.dim(), buffer
+        return (self.layer,) + (0,) * buffer.dim(), buffer.unsqueeze(0)
+
+
+def plan(directory: Path, family: Family, arch: GPTArch, stored: dict) -> list[list[Item]]:
+    """Every output tensor's name, dtype and shape, grouped as they are read: the tensors before the
+    layers (embedding), one group per layer, the tensors after (final norm, output layer). Planned from
+    the checkpoint's metadata and the record alone (no model is built); the stored shapes must be the
+    ones the recorded architecture gives."""
+    shapes = megatron_shapes(arch)
+    rules = family.rules_for(arch)
+    first_layer_rule = next(i for i, r in enumerate(rules) if r.per_layer)
+    groups: dict[object, list[Item]] = {"head": [], **{layer: [] for layer in range(arch.num_layers)}, "tail": []}
+    for index, rule in enumerate(rules):
+        key = rule.megatron
+        if key not in stored:
+            raise ConversionError(f"{directory}: checkpoint lacks {key} (its record describes a different model?)")
+        expected = (arch.num_layers, *shapes[key]) if rule.per_layer else shapes[key]
+        if tuple(stored[key].size) != expected:
+            raise ConversionError(
+                f"{directory}: {key} has shape {tuple(stored[key].size)}, the recorded architecture needs {expected}"
+            )
+        dtype = stored[key].properties.dtype
+        hf_shapes = [t.shape for t in rule.transform.to_hf(torch.empty(shapes[key], dtype=dtype, device="meta"), arch)]
+        for layer in range(arch.num_layers) if rule.per_layer else [None]:
+            planned = [PlannedTensor(n, dtype, tuple(s)) for n, s in zip(rule.hf_names(layer), hf_shapes)]
+            group = layer if rule.per_layer else ("head" if index < first_layer_rule else "tail")
+            groups[group].append(Item(rule, layer, shapes[key], dtype, planned))
+    return [group for group in groups.values() if group]
 
 
 def _write_configs(root: Path, out: Path, hf_config: dict, plans: list[PlannedTensor]) -> None:

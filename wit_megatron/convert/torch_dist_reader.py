@@ -3,8 +3,9 @@
 megatron-core's `dist_checkpointing.load` of a partial request (one layer of a stacked
 `decoder.layers.*` tensor) needs the other layers' fragments to be owned by another rank, which a
 single process cannot express. The files are PyTorch Distributed Checkpoint (DCP) files keyed by
-megatron-core's ShardedTensor keys, so the exporter asks DCP directly for exactly the region it
-wants (it reads only the overlapping stored chunks) into a buffer it owns.
+megatron-core's ShardedTensor keys, so the exporter asks DCP directly for exactly the regions it
+wants (it reads only the overlapping stored chunks) into buffers it owns. Nothing here imports
+megatron-core.
 """
 
 from __future__ import annotations
@@ -22,17 +23,39 @@ from torch.distributed.checkpoint.planner_helpers import create_read_items_for_c
 
 from wit_megatron.convert.transforms import ConversionError
 
+Requests = dict[str, tuple[Sequence[int], torch.Tensor]]  # key -> (global offsets, destination buffer)
 
-def tensor_metadata(directory: Path) -> dict[str, TensorStorageMetadata]:
-    """Checkpoint key -> stored global size, dtype and chunks (tensors only)."""
-    metadata = FileSystemReader(str(directory)).read_metadata()
-    return {k: v for k, v in metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+class TorchDistReader(FileSystemReader):
+    """A FileSystemReader that unpickles the checkpoint's `.metadata` once: DCP asks for it on every
+    load, and it is the largest per-call cost when a model is read a layer at a time."""
+
+    def __init__(self, directory: Path):
+        super().__init__(str(directory))
+        self._metadata = super().read_metadata()
+
+    def read_metadata(self, *args, **kwargs):
+        return self._metadata
+
+    @property
+    def tensors(self) -> dict[str, TensorStorageMetadata]:
+        """Checkpoint key -> stored global size, dtype and chunks (tensors only)."""
+        return {k: v for k, v in self._metadata.state_dict_metadata.items() if isinstance(v, TensorStorageMetadata)}
+
+    def read(self, requests: Requests) -> None:
+        """Fill each buffer with the region of its key starting at the given global offsets, in one DCP load."""
+        dcp_load(
+            state_dict={key: buffer for key, (_, buffer) in requests.items()},
+            storage_reader=self,
+            planner=_RegionPlanner(requests),
+            no_dist=True,
+        )
 
 
 class _RegionPlanner(DefaultLoadPlanner):
-    """Plans reads of `requests` = {key: (global offsets, destination buffer)} and nothing else."""
+    """Plans reads of exactly the requested regions and nothing else."""
 
-    def __init__(self, requests: dict[str, tuple[Sequence[int], torch.Tensor]]):
+    def __init__(self, requests: Requests):
         super().__init__()
         self.requests = requests
 
@@ -54,13 +77,3 @@ class _RegionPlanner(DefaultLoadPlanner):
 
     def commit_tensor(self, read_item: ReadItem, tensor: torch.Tensor) -> None:
         pass  # the reader copied into a view of the caller's buffer
-
-
-def read_regions(directory: Path, requests: dict[str, tuple[Sequence[int], torch.Tensor]]) -> None:
-    """Fill each buffer with the region of its key starting at the given global offsets."""
-    dcp_load(
-        state_dict={key: buffer for key, (_, buffer) in requests.items()},
-        storage_reader=FileSystemReader(str(directory)),
-        planner=_RegionPlanner(requests),
-        no_dist=True,
-    )

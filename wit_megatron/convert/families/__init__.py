@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from wit_megatron.convert.transforms import COPY, ConversionError
+from wit_megatron.convert.transforms import COPY, ConversionError, head_dim
 from wit_megatron.model import GPTArch
 
 
@@ -50,6 +50,32 @@ CONDITIONS: dict[str, Callable[[GPTArch], bool]] = {
     "linear_bias": lambda a: a.add_bias_linear,
     "qk_norm": lambda a: a.qk_layernorm,
 }
+
+
+def megatron_shapes(arch: GPTArch) -> dict[str, tuple[int, ...]]:
+    """Checkpoint key -> shape of the tensor in a single-rank GPTModel (one layer's for the stacked
+    `decoder.layers.*` keys), for every key a table can name. Lets the exporter check a checkpoint
+    against its record without building a model; tests compare it with megatron-core's own."""
+    h, d, ffn = arch.hidden_size, head_dim(arch), arch.ffn_hidden_size
+    qkv = (arch.num_attention_heads + 2 * arch.num_query_groups) * d
+    attention, mlp = "decoder.layers.self_attention.", "decoder.layers.mlp."
+    return {
+        "embedding.word_embeddings.weight": (arch.vocab_size, h),
+        attention + "linear_qkv.layer_norm_weight": (h,),
+        attention + "linear_qkv.weight": (qkv, h),
+        attention + "linear_qkv.bias": (qkv,),
+        attention + "q_layernorm.weight": (d,),
+        attention + "k_layernorm.weight": (d,),
+        attention + "linear_proj.weight": (h, arch.num_attention_heads * d),
+        attention + "linear_proj.bias": (h,),
+        mlp + "linear_fc1.layer_norm_weight": (h,),
+        mlp + "linear_fc1.weight": (2 * ffn, h),
+        mlp + "linear_fc1.bias": (2 * ffn,),
+        mlp + "linear_fc2.weight": (h, ffn),
+        mlp + "linear_fc2.bias": (h,),
+        "decoder.final_layernorm.weight": (h,),
+        "output_layer.weight": (arch.vocab_size, h),
+    }
 
 
 @dataclass(frozen=True)
