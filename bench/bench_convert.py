@@ -4,9 +4,10 @@ Generates a synthetic Llama-architecture HF checkpoint (random weights, sharded 
 --gb gigabytes, then runs, each as its own process measured with GNU time (wall time, peak RSS):
 the limits (`cp -r`, which copies inside the kernel with copy_file_range; `dd` through user space;
 `dd conv=fsync`, as durable as megatron-core's writer, which fsyncs every file), the interpreter +
-imports alone (fixed overhead), HF -> Megatron, Megatron -> HF, and Megatron-Bridge's AutoBridge
-(bench/peer_megatron_bridge.py) when `--peer-python` can import it. Prints ratios: time / copy time,
-time / durable copy time, peak RSS / model bytes (and / largest layer).
+imports of each direction alone (its fixed cost, the same for any model size), HF -> Megatron,
+Megatron -> HF, and Megatron-Bridge's AutoBridge (bench/peer_megatron_bridge.py) when `--peer-python`
+can import it. Prints ratios: time / copy time, time / durable copy time, (time - the direction's
+imports) / durable copy time, peak RSS / model bytes (and / largest layer).
 
     python bench/bench_convert.py --gb 3 --workdir /tmp/wit-bench \
         [--peer-python /work/venv312/bin/python --peer-pythonpath /work/venv312/peer-overlay]
@@ -128,11 +129,18 @@ def main() -> None:
                        ("durable copy (dd, fsync)", dd_copy(hf, copy, fsync=True))):
         runs.append(measure(label, cmd))
         shutil.rmtree(copy)  # each run writes into the same free memory
-    runs += [
-        measure("python + imports only", [py, "-c", "import wit_megatron.convert.hf_to_mcore, wit_megatron.convert.mcore_to_hf, "
-                                                   "megatron.core.dist_checkpointing"]),
-        measure("HF -> Megatron", [py, str(ROOT / "tools/convert_hf_to_megatron.py"), "--hf", str(hf), "--out", str(megatron)]),
-        measure("Megatron -> HF", [py, str(ROOT / "tools/convert_megatron_to_hf.py"), "--megatron", str(megatron), "--out", str(back)]),
+    # What each direction imports before touching a byte (megatron-core, whose import pulls in
+    # torch._dynamo/_inductor, only HF -> Megatron needs): the fixed cost of a run, any model size.
+    imports = {
+        "HF -> Megatron": measure("imports of HF -> Megatron", [py, "-c", "import wit_megatron.convert.hf_to_mcore, "
+                                  "megatron.core.dist_checkpointing, megatron.core.models.gpt"]),
+        "Megatron -> HF": measure("imports of Megatron -> HF", [py, "-c", "import wit_megatron.convert.mcore_to_hf"]),
+    }
+    runs += list(imports.values()) + [
+        dict(measure("HF -> Megatron", [py, str(ROOT / "tools/convert_hf_to_megatron.py"), "--hf", str(hf), "--out",
+                                        str(megatron)]), fixed_s=imports["HF -> Megatron"]["wall_s"]),
+        dict(measure("Megatron -> HF", [py, str(ROOT / "tools/convert_megatron_to_hf.py"), "--megatron", str(megatron),
+                                        "--out", str(back)]), fixed_s=imports["Megatron -> HF"]["wall_s"]),
     ]
     shutil.rmtree(megatron)
     shutil.rmtree(back)
@@ -142,9 +150,11 @@ def main() -> None:
     gib = 1024**3
     print(f"model: {sizes['layers']} layers, {sizes['bytes'] / gib:.2f} GiB ({args.dtype}); largest layer "
           f"{sizes['layer_bytes'] / gib:.3f} GiB; python {sys.version.split()[0]}")
-    print(f"{'run':28} {'wall s':>8} {'/copy':>7} {'/durable':>9} {'peak RSS GiB':>13} {'RSS/model':>10} {'RSS/layer':>10}")
+    print(f"{'run':28} {'wall s':>8} {'/copy':>7} {'/durable':>9} {'-imports /durable':>18} {'peak RSS GiB':>13} "
+          f"{'RSS/model':>10} {'RSS/layer':>10}")
     for r in runs:
-        print(f"{r['label']:28} {r['wall_s']:8.2f} {r['wall_s'] / copy_s:7.2f} {r['wall_s'] / durable_s:9.2f} "
+        net = f"{(r['wall_s'] - r['fixed_s']) / durable_s:18.2f}" if "fixed_s" in r else f"{'':18}"
+        print(f"{r['label']:28} {r['wall_s']:8.2f} {r['wall_s'] / copy_s:7.2f} {r['wall_s'] / durable_s:9.2f} {net} "
               f"{r['peak_rss'] / gib:13.2f} {r['peak_rss'] / sizes['bytes']:10.2f} {r['peak_rss'] / sizes['layer_bytes']:10.1f}")
     print(peer_line)
     shutil.rmtree(args.workdir, ignore_errors=True)

@@ -4,7 +4,9 @@ Tensors are read one rule at a time (lazily, from safetensors), transformed and 
 megatron-core's `dist_checkpointing.save` inside the sharded_state_dict structure of a single-rank
 GPTModel built on the meta device. The checkpoint therefore has exactly the keys, stacked layer
 axis and global shapes megatron-core itself writes, and reshards on load to any TP/PP/VPP layout.
-Peak memory is one copy of the model (the source file is never mapped).
+The HF tensors are memory maps of the safetensors files (`SafetensorsReader.read`): the tensors that
+pass unchanged are read by megatron-core's writer processes as they write them, so reading overlaps
+writing and only transformed tensors (the QKV interleave, a cast, vocabulary padding) take memory here.
 """
 
 from __future__ import annotations

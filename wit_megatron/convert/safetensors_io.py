@@ -1,7 +1,7 @@
 """Read and write safetensors one tensor at a time.
 
-The reader parses each file's header once and reads a tensor's bytes with a plain `readinto` into a
-fresh buffer: no memory map, so resident memory holds only the tensors the caller keeps. The writer
+The reader parses each file's header once and gives each tensor over a private memory map of exactly
+its bytes, so nothing is read until used and an unchanged tensor is read by whoever writes it. The writer
 knows every tensor's name, dtype and shape before the first byte (the converter plans them from the
 checkpoint's metadata), writes each shard's header first and then the bytes as tensors arrive, so a
 shard is never assembled in memory.
@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
+import numpy
 import torch
 
 from wit_megatron.convert.transforms import ConversionError
@@ -79,13 +80,16 @@ class SafetensorsReader:
         return name in self.infos
 
     def read(self, name: str) -> torch.Tensor:
+        """The tensor over a private, copy-on-write memory map of its bytes: pages are read on first
+        touch (by whoever touches them first: the checkpoint writer's processes, when the converter
+        hands the tensor on unchanged), and the storage is exactly the tensor (torch.save writes no more)."""
         info = self.infos[name]
-        buffer = torch.empty(info.end - info.begin, dtype=torch.uint8)
-        with open(info.file, "rb") as f:
-            f.seek(info.begin)
-            if f.readinto(buffer.numpy()) != buffer.numel():
-                raise ConversionError(f"{info.file}: tensor {name} is truncated")
-        return buffer.view(info.dtype).reshape(info.shape)
+        if info.file.stat().st_size < info.end:
+            raise ConversionError(f"{info.file}: tensor {name} is truncated")
+        if info.end == info.begin:
+            return torch.empty(info.shape, dtype=info.dtype)
+        mapped = numpy.memmap(info.file, dtype=numpy.uint8, mode="c", offset=info.begin, shape=(info.end - info.begin,))
+        return torch.from_numpy(mapped).view(info.dtype).reshape(info.shape)
 
 
 @dataclass(frozen=True)
