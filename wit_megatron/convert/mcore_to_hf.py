@@ -78,7 +78,11 @@ def convert_megatron_to_hf(megatron: Path, out: Path, force: bool = False, dry_r
                 read_regions(directory, {entry.key: ((0,) * buffer.dim(), buffer)})
             else:  # stacked: [1, ...] at (layer, 0, ...)
                 read_regions(directory, {entry.key: ((layer,) + (0,) * buffer.dim(), buffer.unsqueeze(0))})
-            for p, tensor in zip(planned, rule.transform.to_hf(buffer, arch)):
+            try:
+                hf = rule.transform.to_hf(buffer, arch)
+            except ConversionError as e:  # e.g. KV-head copies that diverged in training
+                raise ConversionError(f"{directory}: {entry.key}, layer {layer}: {e}") from None
+            for p, tensor in zip(planned, hf):
                 writer.write(p.name, tensor)
             bar.update(1)
         writer.finish()
