@@ -1,7 +1,8 @@
 """KV-head replication (`--kv-replicas R`): each HF KV head stored R times, so that tensor parallelism
 can exceed the KV heads (MQA, GQA with few KV heads). Round trips stay bit-identical; the replicated
 checkpoint gives the HF model's logits at TP > KV heads (exact GQA semantics); export refuses copies
-that diverged; check_layout points to the flag."""
+that diverged; check_layout points to the flag; and a training step with replicas equals the
+unreplicated model's (gradients, clipped by the same norm, Adam updates), with the copies kept identical."""
 
 from __future__ import annotations
 
@@ -26,8 +27,10 @@ ROOT = Path(__file__).resolve().parents[1]
 # name -> (HF case, kv_replicas). llama_mqa_biases: 4 heads, 1 KV head, QKV and linear biases;
 # llama_gqa8_kv2: 8 heads, 2 KV heads; qwen2_qkv_bias_tied: 4 heads, 2 KV heads, QKV bias, tied embeddings.
 REPLICATED = {
+    "mqa_r1": ("llama_mqa_biases", 1),
     "mqa_r2": ("llama_mqa_biases", 2),
     "mqa_r4": ("llama_mqa_biases", 4),
+    "gqa_r1": ("llama_gqa8_kv2", 1),
     "gqa_r2": ("llama_gqa8_kv2", 2),
     "gqa_r4": ("llama_gqa8_kv2", 4),  # 8 query groups: TP 8 valid, so vocabulary 100 is padded to 104
     "qwen2_r2": ("qwen2_qkv_bias_tied", 2),
@@ -146,3 +149,59 @@ def test_kv_replicas_that_do_not_split_the_heads_are_refused(tmp_path):
     assert '"num_query_groups": 4' in dry.stdout and '"kv_replicas": 4' in dry.stdout
     assert not (tmp_path / "out").exists()
 
+
+def test_training_with_replicas_equals_the_unreplicated_model(converted, tmp_path):
+    """Two steps of Megatron's Adam with gradient clipping active: replicated MQA at tp2pp2 (2 copies on
+    each rank, over 2 ranks) and GQA at tp4 (one copy per rank) against the same models unreplicated at
+    tp1 (dp4). Adam's eps is raised to 1e-3 here: with 1e-8 its first step is about lr·sign(g), and
+    gradients within rounding of 0 flip it; unreplicated tp1 and tp2 then differ by ~1e-4 (relative)
+    in their weights already. With a smooth step the comparison can be tight."""
+    clip = 0.05
+    jobs = {name: dict(checkpoint=converted[name]["megatron"], out=str(tmp_path / name), layout=layout, steps=2,
+                       clip_grad=clip, lr=1e-2, adam_eps=1e-3)
+            for name, layout in [("mqa_r1", (1, 1, None)), ("mqa_r4", (2, 2, None)), ("gqa_r1", (1, 1, None)),
+                                 ("gqa_r2", (4, 1, None))]}
+    per_rank = run_distributed("tests.scenarios.convert_training:train_steps", 4, jobs=list(jobs.values()))
+    # Export refuses copies that are not bitwise identical: that it succeeds is the check that they are.
+    run_distributed("tests.scenarios.convert_cases:exports", 1, jobs=[(job["out"], str(tmp_path / f"{name}_hf"))
+                                                                       for name, job in jobs.items()])
+    results = {name: [rank[i] for rank in per_rank] for i, name in enumerate(jobs)}
+    for replicated, reference in [("mqa_r4", "mqa_r1"), ("gqa_r2", "gqa_r1")]:
+        norms, expected_norms = results[replicated][0]["grad norms"], results[reference][0]["grad norms"]
+        assert all(r["grad norms"] == norms for r in results[replicated])  # every rank reports the same
+        assert min(expected_norms) > 10 * clip  # clipping is active in both steps
+        assert norms == pytest.approx(expected_norms, rel=1e-5), (replicated, norms, expected_norms)
+
+        grads = hf_named(results[replicated], converted[replicated]["megatron"])
+        expected = hf_named(results[reference], converted[reference]["megatron"])
+        assert sorted(grads) == sorted(expected)
+        for name, grad in grads.items():
+            scale = expected[name].abs().max().item()
+            assert scale > 0 and (grad - expected[name]).abs().max().item() <= 1e-5 * scale, (replicated, name)
+
+        before = safetensors_of(Path(converted[reference]["hf"]))
+        after, expected_after = safetensors_of(tmp_path / f"{replicated}_hf"), safetensors_of(tmp_path / f"{reference}_hf")
+        assert sorted(after) == sorted(expected_after) == sorted(before)
+        for name, tensor in expected_after.items():
+            scale = tensor.abs().max().item()
+            assert (after[name] - tensor).abs().max().item() <= 1e-5 * scale, (replicated, name)
+            assert (tensor - before[name]).abs().max().item() > 1e-3 * scale, (replicated, name)  # it trained
+
+
+def hf_named(per_rank: list[dict], checkpoint: str) -> dict[str, torch.Tensor]:
+    """Full gradients of all stages (local-spec names) -> HF names, through the family table's transforms
+    (QKV takes one copy per KV head and requires the copies' gradients to be bitwise identical)."""
+    from wit_megatron.convert.checkpoint import read_record, resolve
+
+    record = read_record(*resolve(Path(checkpoint)))
+    arch = GPTArch.from_dict(record["arch"])
+    _, family = family_for(record["hf_config"])
+    full = {}
+    for rank in per_rank:
+        full.update(rank["grads"])
+    out = {}
+    for rule in family.rules_for(arch):
+        for layer in range(arch.num_layers) if rule.per_layer else [None]:
+            tensors = rule.transform.to_hf(full[rule.param_name("local", layer)], arch)
+            out.update(zip(rule.hf_names(layer), tensors))
+    return out

@@ -57,6 +57,12 @@ def export(checkpoint: str, out: str) -> None:
     convert_megatron_to_hf(checkpoint, out, progress=False)
 
 
+def exports(jobs: list[tuple[str, str]]) -> None:
+    """One rank: Megatron -> HF of each (checkpoint, out)."""
+    for checkpoint, out in jobs:
+        convert_megatron_to_hf(checkpoint, out, progress=False)
+
+
 def diverge_one_copy(checkpoint: str, out: str, layer: int, delta: float) -> str:
     """One rank: load a checkpoint with kv_replicas = 2 at tp1, change one value in the second copy of
     KV head 0's value rows in `layer`, save it as training would, export it. Returns the export's error."""
