@@ -118,7 +118,8 @@ def main():
     for step in range(1, args.train_iters + 1):
         start = time.perf_counter()
         iterators = [rank_micro_batches(step - 1) if reads_data else None for _ in model]
-        report = train_step(model, optimizer, scheduler, iterators, num_microbatches, args.micro_batch_size, args.seq_length)
+        report = train_step(model, optimizer, scheduler, iterators, num_microbatches, args.micro_batch_size, args.seq_length,
+                            kv_replicas=arch.kv_replicas)
         if logs_here:
             print(
                 f"step {step:4d} | WIT loss {report['lm loss']:.4f} over N={report['lm loss tokens']} | "

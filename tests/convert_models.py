@@ -17,6 +17,7 @@ CASES = {
     "llama_gqa_tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
     "llama3_rope_scaling": ("LlamaConfig", dict(rope_parameters=LLAMA3_ROPE, max_position_embeddings=16384)),
     "llama_mqa_biases": ("LlamaConfig", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
+    "llama_gqa8_kv2": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=2)),
     "mistral": ("MistralConfig", dict(sliding_window=None, head_dim=8)),
     "qwen2_qkv_bias_tied": ("Qwen2Config", dict(tie_word_embeddings=True)),
     "qwen3_qk_norm": ("Qwen3Config", dict(head_dim=16)),

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 from dataclasses import dataclass
 from typing import Literal, Optional
 
@@ -28,7 +29,7 @@ class GPTArch:
     num_layers: int
     hidden_size: int
     num_attention_heads: int
-    num_query_groups: int
+    num_query_groups: int  # what megatron-core builds: the HF KV heads x kv_replicas
     ffn_hidden_size: int
     max_position_embeddings: int
     rotary_base: float = 10000.0
@@ -42,6 +43,14 @@ class GPTArch:
     rope_scaling_factor: Optional[float] = None
     # The tokenizer's vocabulary when `vocab_size` includes padding rows (converters strip them on export).
     unpadded_vocab_size: Optional[int] = None
+    # Copies of each HF KV head (consecutive query groups), so that TP can exceed the HF KV heads.
+    # Exact only while the copies stay identical: wit_megatron.train sums their gradients.
+    kv_replicas: int = 1
+
+    @property
+    def hf_kv_heads(self) -> int:
+        """The KV heads of the HF model (each held `kv_replicas` times in Megatron's query groups)."""
+        return self.num_query_groups // self.kv_replicas
 
     @property
     def tokenizer_vocab_size(self) -> int:
@@ -62,12 +71,18 @@ def check_layout(arch: GPTArch, layout: ParallelLayout) -> None:
     def divisors(n: int) -> list[int]:
         return [d for d in range(1, n + 1) if n % d == 0]
 
-    valid_tp = [d for d in divisors(arch.num_attention_heads) if arch.num_query_groups % d == 0]
+    heads, groups, kv_heads = arch.num_attention_heads, arch.num_query_groups, arch.hf_kv_heads
+    valid_tp = [d for d in divisors(heads) if groups % d == 0]
     if layout.tp not in valid_tp:
-        raise ValueError(
-            f"tensor-parallel size {layout.tp} does not divide the {arch.num_attention_heads} attention "
-            f"heads and {arch.num_query_groups} KV heads; valid sizes: {valid_tp}"
-        )
+        held = f"{groups} KV heads"
+        if arch.kv_replicas > 1:
+            held = f"{groups} query groups ({kv_heads} KV heads x {arch.kv_replicas} replicas)"
+        message = f"tensor-parallel size {layout.tp} does not divide the {heads} attention heads and {held}; valid sizes: {valid_tp}"
+        if heads % layout.tp == 0:  # KV-head copies make it valid: the fewest are lcm(tp, KV heads) / KV heads
+            replicas = layout.tp // math.gcd(layout.tp, kv_heads)
+            message += (f". To run at TP {layout.tp}, convert the HF model with --kv-replicas {replicas} "
+                        f"({kv_heads} KV heads x {replicas} identical copies = {kv_heads * replicas} query groups)")
+        raise ValueError(message)
     stages = layout.pp * (layout.vpp or 1)
     if arch.num_layers % stages:
         raise ValueError(

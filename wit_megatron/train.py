@@ -112,13 +112,74 @@ def build_optimizer(model: Sequence[torch.nn.Module], lr: float, weight_decay: f
     return optimizer, scheduler
 
 
-def train_step(model, optimizer, scheduler, data_iterators, num_microbatches: int, micro_batch_size: int, seq_length: int) -> dict:
+def train_step(model, optimizer, scheduler, data_iterators, num_microbatches: int, micro_batch_size: int, seq_length: int,
+               kv_replicas: int = 1) -> dict:
     """forward_backward over one global batch, then one optimizer step. Returns the report plus
-    'grad norm' and 'lr' (the report is {} off the last pipeline stage)."""
+    'grad norm' and 'lr' (the report is {} off the last pipeline stage).
+
+    `kv_replicas`: the model's copies of each HF KV head (`GPTArch.kv_replicas`). With copies, their
+    gradients are summed before the step (`sum_kv_replica_grads`), and the gradient norm, reported and
+    clipped by, counts each HF KV head once (Megatron's optimizer would count every copy): the step is
+    the unreplicated model's, up to float summation order."""
     optimizer.zero_grad()
     report = forward_backward(model, data_iterators, num_microbatches, micro_batch_size, seq_length)
     lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (Megatron's warm-up starts at 0)
-    update_successful, grad_norm, _ = optimizer.step()
+    if kv_replicas > 1:
+        config = optimizer.config  # one object, shared by the chained optimizers (0.16 and 0.19)
+        clip_grad = config.clip_grad
+        grad_norm = sum_kv_replica_grads(model, kv_replicas, clip_grad)
+        config.clip_grad = 0.0  # clipped above by the true norm; Megatron's would be inflated by the copies
+        try:
+            update_successful = optimizer.step()[0]
+        finally:
+            config.clip_grad = clip_grad
+    else:
+        update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
         scheduler.step(increment=1)
     return dict(report, **{"grad norm": grad_norm, "lr": lr})
+
+
+@torch.no_grad()
+def sum_kv_replica_grads(model: Sequence[torch.nn.Module], kv_replicas: int, clip_grad: float) -> float:
+    """Give every copy of an HF KV head (`GPTArch.kv_replicas`) the gradient of the HF head itself, then
+    clip all gradients by their true norm; returns that norm. Runs on every rank, after forward_backward.
+
+    A copy's K/V rows only get the gradient through its own query heads; the HF head's gradient is the
+    sum over its copies. Copies are consecutive query groups, several on one rank and/or spread over the
+    TP group: the sums are accumulated per HF head here, all-reduced over TP and written back into every
+    copy, so all copies take the same step and stay bitwise identical. The norm counts each HF head
+    once (Megatron's optimizer counts every copy) and is clipped to `clip_grad` (0: off) the way
+    Megatron's optimizer clips: the step must then run with Megatron's clipping off. Gradients must be
+    unscaled (fp32 / bf16, as `build_optimizer` sets up; fp16 loss scaling would scale the norm)."""
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
+    from megatron.core.transformer.module import param_is_not_shared
+
+    tp_rank, tp_size = ps.get_tensor_model_parallel_rank(), ps.get_tensor_model_parallel_world_size()
+    square, grads = torch.zeros(1, dtype=torch.float64), []
+    for chunk in model:
+        config = unwrap(chunk).config
+        groups = config.num_query_groups // tp_size  # query groups on this rank
+        d = config.kv_channels
+        q_rows = config.num_attention_heads // config.num_query_groups * d
+        group = tp_rank * groups + torch.arange(groups)  # their global index
+        head, extra = group // kv_replicas, group % kv_replicas > 0  # HF KV head; copies beyond each head's first
+        for name, param in unwrap(chunk).named_parameters():
+            grad = param.main_grad
+            grads.append(grad)
+            if name.endswith(("linear_qkv.weight", "linear_qkv.bias")):
+                kv = grad.view(groups, q_rows + 2 * d, -1)[:, q_rows:]  # [groups, K and V rows, ...]: a view
+                sums = kv.new_zeros(config.num_query_groups // kv_replicas, *kv.shape[1:]).index_add_(0, head, kv)
+                torch.distributed.all_reduce(sums, group=ps.get_tensor_model_parallel_group())
+                kv.copy_(sums[head])
+                square -= kv[extra].double().square().sum()  # the norm counts each HF head once
+            if param_is_not_shared(param) and param_is_not_tensor_parallel_duplicate(param):  # as Megatron's norm
+                square += grad.double().square().sum()
+    torch.distributed.all_reduce(square, group=ps.get_model_parallel_group())
+    norm = square.sqrt().item()
+    coefficient = clip_grad / (norm + 1e-6)  # as Megatron's clip_grad_by_total_norm_fp32
+    if clip_grad > 0 and coefficient < 1.0:
+        for grad in grads:
+            grad.mul_(coefficient)
+    return norm

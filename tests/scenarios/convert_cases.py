@@ -12,13 +12,14 @@ from wit_megatron.convert.verify import load_model, megatron_logits
 
 
 def round_trips(cases: list[dict]) -> list[dict]:
-    """One rank. Each case: {"hf", "megatron", "back"} directories (+ optional "dtype", "vocab_multiple");
-    HF -> Megatron -> HF. Returns {"error": traceback or None} per case."""
+    """One rank. Each case: {"hf", "megatron", "back"} directories (+ optional "dtype", "vocab_multiple",
+    "kv_replicas"); HF -> Megatron -> HF. Returns {"error": traceback or None} per case."""
     results = []
     for case in cases:
         try:
             convert_hf_to_megatron(case["hf"], case["megatron"], dtype=case.get("dtype"),
-                                   vocab_multiple=case.get("vocab_multiple"), progress=False)
+                                   vocab_multiple=case.get("vocab_multiple"), kv_replicas=case.get("kv_replicas", 1),
+                                   progress=False)
             convert_megatron_to_hf(case["megatron"], case["back"], progress=False)
             results.append({"error": None})
         except Exception:
@@ -54,6 +55,36 @@ def next_token_nll(jobs: list[dict]) -> list[dict]:
 def export(checkpoint: str, out: str) -> None:
     """One rank: Megatron -> HF only (for checkpoints saved by training)."""
     convert_megatron_to_hf(checkpoint, out, progress=False)
+
+
+def exports(jobs: list[tuple[str, str]]) -> None:
+    """One rank: Megatron -> HF of each (checkpoint, out)."""
+    for checkpoint, out in jobs:
+        convert_megatron_to_hf(checkpoint, out, progress=False)
+
+
+def diverge_one_copy(checkpoint: str, out: str, layer: int, delta: float) -> str:
+    """One rank: load a checkpoint with kv_replicas = 2 at tp1, change one value in the second copy of
+    KV head 0's value rows in `layer`, save it as training would, export it. Returns the export's error."""
+    from pathlib import Path
+
+    from wit_megatron.convert import checkpoint as ckpt
+    from wit_megatron.convert.transforms import ConversionError, head_dim
+
+    (model,), arch, missing, unexpected = load_model(checkpoint, (1, 1, None))
+    assert arch.kv_replicas == 2 and not missing and not unexpected
+    d = head_dim(arch)
+    q_rows = arch.num_attention_heads // arch.num_query_groups * d
+    weight = dict(model.named_parameters())[f"decoder.layers.{layer}.self_attention.linear_qkv.weight"]
+    with torch.no_grad():  # group 1 = copy 1 of KV head 0: [its q rows, k rows, v rows]
+        weight[(q_rows + 2 * d) + q_rows + d, 0] += delta
+    record = ckpt.read_record(*ckpt.resolve(Path(checkpoint)))
+    ckpt.save_training_checkpoint([model], Path(out) / "trained", iteration=1, record=record)
+    try:
+        convert_megatron_to_hf(Path(out) / "trained", Path(out) / "hf", progress=False)
+    except ConversionError as e:
+        return str(e)
+    return "no error"
 
 
 def single_rank_models(archs: list[dict]) -> list[dict]:

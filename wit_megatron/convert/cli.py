@@ -32,6 +32,11 @@ def hf_to_megatron(argv=None) -> int:
                         "GPU-friendly shapes. Default: only what every valid TP size needs, usually nothing. "
                         "Padded entries are not masked by Megatron-Core: their logits (0) enter every token's "
                         "softmax, so the training loss differs from the HF model's, and the rows get gradients")
+    parser.add_argument("--kv-replicas", type=int, default=1, metavar="R",
+                        help="store each KV head R times (R must divide attention heads / KV heads), so that every "
+                        "tensor-parallel size dividing KV heads x R (and the heads) is valid, e.g. above the KV heads or "
+                        "with MQA. Exact: training with wit_megatron keeps the copies identical (their gradients are "
+                        "summed), export takes one and refuses copies that differ. Default 1: no copies")
     parser.add_argument("--force", action="store_true", help="replace an existing output directory")
     parser.add_argument("--dry-run", action="store_true", help="print the tensor mapping and write nothing")
     args = parser.parse_args(argv)
@@ -39,7 +44,7 @@ def hf_to_megatron(argv=None) -> int:
 
     return _run(lambda: convert_hf_to_megatron(args.hf, args.out, dtype=args.dtype, force=args.force,
                                                vocab_multiple=args.vocab_multiple, dry_run=args.dry_run,
-                                               layer_spec=args.layer_spec))
+                                               layer_spec=args.layer_spec, kv_replicas=args.kv_replicas))
 
 
 def megatron_to_hf(argv=None) -> int:

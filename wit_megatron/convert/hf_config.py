@@ -55,10 +55,12 @@ def padded_vocab_size(vocab: int, max_tp: int, vocab_multiple: Optional[int] = N
     return -(-vocab // multiple) * multiple
 
 
-def arch_from_hf_config(family: Family, config: dict, vocab_multiple: Optional[int] = None) -> GPTArch:
+def arch_from_hf_config(family: Family, config: dict, vocab_multiple: Optional[int] = None, kv_replicas: int = 1) -> GPTArch:
     """The GPTArch of an HF config. Vocabulary rows are padded only as far as needed: to the smallest
     multiple that every valid TP size divides (usually no padding), or, if `vocab_multiple` is given,
-    to the smallest multiple of both. Padded entries enter Megatron's softmax (see `padded_vocab_size`)."""
+    to the smallest multiple of both. Padded entries enter Megatron's softmax (see `padded_vocab_size`).
+    `kv_replicas` copies of each KV head make megatron-core's query groups KV heads x kv_replicas, and
+    so the valid TP sizes (and the padding) those of that many groups."""
     for refusal in family.refusals:
         if not refusal.acceptable(config.get(refusal.key), config):
             raise ConversionError(f"config.json {refusal.key}={config.get(refusal.key)!r}: {refusal.why}")
@@ -67,6 +69,16 @@ def arch_from_hf_config(family: Family, config: dict, vocab_multiple: Optional[i
         if key in config and config[key] is not None:
             fields[arch_field] = config[key]
     fields.setdefault("num_query_groups", config["num_attention_heads"])
+    heads_per_kv_head = fields["num_attention_heads"] // fields["num_query_groups"]
+    if kv_replicas < 1 or heads_per_kv_head % kv_replicas:
+        valid = [r for r in range(1, heads_per_kv_head + 1) if heads_per_kv_head % r == 0]
+        raise ConversionError(
+            f"--kv-replicas {kv_replicas}: the {fields['num_attention_heads']} attention heads share "
+            f"{fields['num_query_groups']} KV heads ({heads_per_kv_head} each), and the copies of a KV head must split "
+            f"its query heads evenly; valid values: {valid}"
+        )
+    fields["num_query_groups"] *= kv_replicas
+    fields["kv_replicas"] = kv_replicas
     for arch_field, value in family.fixed.items():
         fields[arch_field] = bool(config.get(value)) if isinstance(value, str) else value
     fields["rotary_base"], fields["rope_scaling_factor"] = rope_settings(config)

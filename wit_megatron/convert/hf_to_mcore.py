@@ -108,12 +108,13 @@ def copy_assets(hf_dir: Path, dest: Path) -> None:
 
 def convert_hf_to_megatron(hf_dir: Path, out: Path, dtype: Optional[str] = None, force: bool = False,
                            vocab_multiple: Optional[int] = None, dry_run: bool = False,
-                           progress: bool = True, layer_spec: str = "te") -> Optional[Path]:
-    """Write `out` (Megatron-LM layout, `release/`). Returns `out`, or None for a dry run (mapping printed)."""
+                           progress: bool = True, layer_spec: str = "te", kv_replicas: int = 1) -> Optional[Path]:
+    """Write `out` (Megatron-LM layout, `release/`). Returns `out`, or None for a dry run (mapping printed).
+    `kv_replicas`: copies of each KV head (see `GPTArch.kv_replicas`)."""
     hf_dir, out = Path(hf_dir), Path(out)
     config = read_hf_config(hf_dir)
     family_name, family = family_for(config)
-    arch = arch_from_hf_config(family, config, vocab_multiple)
+    arch = arch_from_hf_config(family, config, vocab_multiple, kv_replicas)
     reader = SafetensorsReader(hf_dir)
     steps = plan(family, arch, reader)
     if dry_run:

@@ -60,7 +60,11 @@ def convert_megatron_to_hf(megatron: Path, out: Path, force: bool = False, dry_r
             buffers = [torch.empty(item.shape, dtype=item.dtype) for item in group]
             reader.read({item.rule.megatron: item.region(buffer) for item, buffer in zip(group, buffers)})
             for item, buffer in zip(group, buffers):
-                for p, tensor in zip(item.planned, item.rule.transform.to_hf(buffer, arch)):
+                try:
+                    hf = item.rule.transform.to_hf(buffer, arch)
+                except ConversionError as e:  # e.g. KV-head copies that diverged in training
+                    raise ConversionError(f"{directory}: {item.target}: {e}") from None
+                for p, tensor in zip(item.planned, hf):
                     writer.write(p.name, tensor)
                 bar.update(1)
             del buffers

@@ -39,10 +39,13 @@ class Copy:
 
 @dataclass(frozen=True)
 class InterleaveQKV:
-    """HF q [nh·d, ...], k [ng·d, ...], v [ng·d, ...] <-> Megatron linear_qkv [(nh + 2·ng)·d, ...].
+    """HF q [nh·d, ...], k [K·d, ...], v [K·d, ...] <-> Megatron linear_qkv [(nh + 2·ng)·d, ...].
 
     Megatron groups rows by query group g: the nh/ng query heads of g, then g's key head, then g's
     value head. Tensor parallelism then splits whole groups, so GQA and MQA need no special case.
+    With `arch.kv_replicas` = R > 1 there are ng = K·R groups and group g holds a copy of HF KV head
+    g // R: query head h sits in group h // (nh/ng), whose source h // (nh/K) is its HF KV head, as
+    in the HF model. Export takes the first copy and requires all R to be bitwise identical.
     Works for weights ([rows, hidden]) and biases ([rows]).
     """
 
@@ -50,25 +53,53 @@ class InterleaveQKV:
 
     def to_megatron(self, hf: Sequence[torch.Tensor], arch: GPTArch) -> torch.Tensor:
         q, k, v = hf
-        d, nh, ng = head_dim(arch), arch.num_attention_heads, arch.num_query_groups
-        for label, tensor, heads in (("q", q, nh), ("k", k, ng), ("v", v, ng)):
+        d, nh, ng, kv, r = _heads(arch)
+        for label, tensor, heads in (("q", q, nh), ("k", k, kv), ("v", v, kv)):
             if tensor.shape[0] != heads * d:
                 raise ConversionError(
                     f"{label} projection has {tensor.shape[0]} rows, config says {heads} heads x head dim {d}"
                 )
         rest = q.shape[1:]
         per_group = nh // ng
-        return torch.cat(
-            [q.reshape(ng, per_group * d, *rest), k.reshape(ng, d, *rest), v.reshape(ng, d, *rest)], dim=1
-        ).reshape((nh + 2 * ng) * d, *rest)
+
+        def groups(t):  # [K·d, ...] -> [ng, d, ...]: each head R times, consecutively
+            return t.reshape(kv, 1, d, *rest).expand(kv, r, d, *rest).reshape(ng, d, *rest)
+
+        grouped = torch.cat([q.reshape(ng, per_group * d, *rest), groups(k), groups(v)], dim=1)
+        return grouped.reshape((nh + 2 * ng) * d, *rest)
 
     def to_hf(self, megatron: torch.Tensor, arch: GPTArch) -> list[torch.Tensor]:
-        d, nh, ng = head_dim(arch), arch.num_attention_heads, arch.num_query_groups
+        d, nh, ng, kv, r = _heads(arch)
         rest = megatron.shape[1:]
         per_group = nh // ng
         grouped = megatron.reshape(ng, (per_group + 2) * d, *rest)
         q, k, v = torch.split(grouped, [per_group * d, d, d], dim=1)
-        return [q.reshape(nh * d, *rest), k.reshape(ng * d, *rest), v.reshape(ng * d, *rest)]
+        k, v = (_first_copy(label, t.reshape(kv, r, d, *rest)) for label, t in (("k", k), ("v", v)))
+        return [q.reshape(nh * d, *rest), k, v]
+
+
+def _heads(arch: GPTArch) -> tuple[int, int, int, int, int]:
+    """(head dim, query heads, Megatron's query groups, HF KV heads, copies of each)."""
+    return head_dim(arch), arch.num_attention_heads, arch.num_query_groups, arch.hf_kv_heads, arch.kv_replicas
+
+
+def _first_copy(label: str, copies: torch.Tensor) -> torch.Tensor:
+    """[K, R, d, ...] -> [K·d, ...] from copy 0, refusing copies that are not bitwise identical."""
+    first = copies[:, :1]
+    if copies.shape[1] > 1 and not copies.is_meta:  # planning passes meta tensors: shapes only
+        # Bitwise, as the copies are written and trained: -0.0 is not 0.0, equal NaNs are equal.
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[copies.element_size()]
+        same = (copies.view(bits) == first.view(bits)).flatten(2).all(-1)  # [K, R]
+        if not same.all():
+            head, copy = (int(i) for i in (~same).nonzero()[0])
+            delta = (copies.double() - first.double()).abs().max().item()
+            raise ConversionError(
+                f"the {copies.shape[1]} copies of each KV head (kv_replicas) are not identical: {label} head {head} "
+                f"copy {copy} differs from copy 0 (largest |difference| over all copies: {delta:.3g}). The copies "
+                "diverged: the model was trained without summing the copies' gradients (wit_megatron.train.train_step "
+                "does), so it no longer corresponds to one HF model"
+            )
+    return first.reshape(-1, *copies.shape[3:])
 
 
 @dataclass(frozen=True)
