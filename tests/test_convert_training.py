@@ -21,7 +21,7 @@ def test_training_checkpoint_at_tp2pp2_exports_to_hf(tmp_path):
     (trained_logits,) = [r["logits"] for r in per_rank if r["logits"] is not None]
     assert (tmp_path / "trained" / "latest_checkpointed_iteration.txt").read_text() == "1"
 
-    run_distributed("tests.scenarios.convert_cases:export", 1, checkpoint=str(tmp_path / "trained"), out=str(tmp_path / "trained_hf"))
+    run_distributed("tests.scenarios.convert_cases:exports", 1, jobs=[(str(tmp_path / "trained"), str(tmp_path / "trained_hf"))])
     exported = hf_logits(tmp_path / "trained_hf", tokens)
     assert (exported - trained_logits).abs().max().item() <= 1e-4
     before, after = safetensors_of(hf), safetensors_of(tmp_path / "trained_hf")

@@ -29,7 +29,7 @@ def test_checkpoints_of_every_supported_version_load_and_export(tmp_path):
         assert (logits - reference).abs().max().item() <= 1e-4, version
 
     for version, checkpoint in zip(WRITTEN_BY, checkpoints):
-        run_distributed("tests.scenarios.convert_cases:export", 1, checkpoint=str(checkpoint), out=str(tmp_path / version))
+        run_distributed("tests.scenarios.convert_cases:exports", 1, jobs=[(str(checkpoint), str(tmp_path / version))])
         original, exported = safetensors_of(hf), safetensors_of(tmp_path / version)
         assert sorted(original) == sorted(exported), version
         assert all(torch.equal(exported[k], v) and exported[k].dtype == v.dtype for k, v in original.items()), version

@@ -52,11 +52,6 @@ def next_token_nll(jobs: list[dict]) -> list[dict]:
     return out
 
 
-def export(checkpoint: str, out: str) -> None:
-    """One rank: Megatron -> HF only (for checkpoints saved by training)."""
-    convert_megatron_to_hf(checkpoint, out, progress=False)
-
-
 def exports(jobs: list[tuple[str, str]]) -> None:
     """One rank: Megatron -> HF of each (checkpoint, out)."""
     for checkpoint, out in jobs:
