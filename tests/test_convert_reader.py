@@ -3,6 +3,7 @@ straight into the destination or leaves the item to DCP (partial regions, non-co
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
 from torch.distributed.checkpoint import save as dcp_save
@@ -10,6 +11,7 @@ from torch.distributed.checkpoint import save as dcp_save
 from wit_megatron.convert.torch_dist_reader import TorchDistReader
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")  # DCP's note on a save without a process group
 def test_reads_equal_the_stored_tensors_on_both_paths(tmp_path, monkeypatch):
     generator = torch.Generator().manual_seed(0)
     stored = {
