@@ -7,9 +7,10 @@ the limits (`cp -r`, which copies inside the kernel with copy_file_range; `dd` t
 imports of each direction alone (its fixed cost, the same for any model size), HF -> Megatron,
 Megatron -> HF, and Megatron-Bridge's AutoBridge (bench/peer_megatron_bridge.py) when `--peer-python`
 can import it. Prints ratios: time / copy time, time / durable copy time, (time - the direction's
-imports) / durable copy time, peak RSS / model bytes (and / largest layer).
+imports) / durable copy time, peak RSS / model bytes (and / largest layer). Each row is the shortest
+of --repeats runs (and the largest peak RSS).
 
-    python bench/bench_convert.py --gb 3 --workdir /tmp/wit-bench \
+    python bench/bench_convert.py --gb 3 --repeats 3 --workdir /tmp/wit-bench \
         [--peer-python /work/venv312/bin/python --peer-pythonpath /work/venv312/peer-overlay]
 """
 
@@ -71,17 +72,25 @@ def make_checkpoint(directory: Path, gb: float, dtype: str) -> dict:
     return {"bytes": total, "layer_bytes": layer_bytes, "layers": layers}
 
 
-def measure(label: str, cmd: list[str], env: dict | None = None) -> dict:
-    """Run `cmd` under GNU time: wall seconds and peak RSS (bytes) of the command itself (a
-    Python-forked child would report the parent's RSS as its floor). Dirty pages of earlier runs
-    are flushed first, so that no run pays for another's writeback."""
-    subprocess.run(["sync"], check=True)
-    proc = subprocess.run(["/usr/bin/time", "-f", "WITBENCH %e %M", *cmd], stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True, env=env)
-    if proc.returncode != 0:
-        raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
-    wall, kib = proc.stderr.rsplit("WITBENCH ", 1)[1].split()
-    return {"label": label, "wall_s": float(wall), "peak_rss": int(kib) * 1024}
+def measure(label: str, cmd: list[str], env: dict | None = None, output: Path | None = None, repeats: int = 1) -> dict:
+    """Run `cmd` `repeats` times under GNU time: the shortest wall time and the largest peak RSS (bytes)
+    of the command itself (a Python-forked child would report the parent's RSS as its floor). Before
+    each run `output` is removed and dirty pages of earlier runs are flushed, so that no run pays for
+    another's writeback. (On this VM the first write into memory not touched for a while can be several
+    times slower than the next: the shortest of a few runs is the comparable figure.)"""
+    walls, rss = [], []
+    for _ in range(repeats):
+        if output is not None:
+            shutil.rmtree(output, ignore_errors=True)
+        subprocess.run(["sync"], check=True)
+        proc = subprocess.run(["/usr/bin/time", "-f", "WITBENCH %e %M", *cmd], stdout=subprocess.DEVNULL,
+                              stderr=subprocess.PIPE, text=True, env=env)
+        if proc.returncode != 0:
+            raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
+        wall, kib = proc.stderr.rsplit("WITBENCH ", 1)[1].split()
+        walls.append(float(wall))
+        rss.append(int(kib) * 1024)
+    return {"label": label, "wall_s": min(walls), "peak_rss": max(rss)}
 
 
 def dd_copy(source: Path, dest: Path, fsync: bool) -> list[str]:
@@ -103,9 +112,10 @@ def peer_runs(args, hf: Path, workdir: Path) -> tuple[list[dict], str]:
     version = check.stdout.strip().splitlines()[-1]
     megatron, back = workdir / "peer-megatron", workdir / "peer-back"
     runs = [
-        measure("peer HF -> Megatron", [args.peer_python, script, "import", "--hf", str(hf), "--out", str(megatron)], env),
+        measure("peer HF -> Megatron", [args.peer_python, script, "import", "--hf", str(hf), "--out", str(megatron)], env,
+                megatron, args.repeats),
         measure("peer Megatron -> HF", [args.peer_python, script, "export", "--hf", str(hf), "--megatron", str(megatron),
-                                        "--out", str(back)], env),
+                                        "--out", str(back)], env, back, args.repeats),
     ]
     return runs, f"peer converter: {version} (AutoBridge, local layer spec, CPU), python {args.peer_python}"
 
@@ -115,6 +125,7 @@ def main() -> None:
     parser.add_argument("--gb", type=float, default=3.0)
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/wit-bench"))
+    parser.add_argument("--repeats", type=int, default=3, help="runs of each row; the shortest wall time is shown")
     parser.add_argument("--peer-python", default=sys.executable, help="interpreter that has megatron-bridge")
     parser.add_argument("--peer-pythonpath", help="prepended to PYTHONPATH for the peer only (its transformers pin)")
     args = parser.parse_args()
@@ -123,24 +134,28 @@ def main() -> None:
     sizes = make_checkpoint(hf, args.gb, args.dtype)
     py = sys.executable
     copy = args.workdir / "copy"
+    n = args.repeats
     runs = []
     for label, cmd in (("copy (cp -r)", ["cp", "-r", str(hf), str(copy)]),
                        ("copy (dd, user space)", dd_copy(hf, copy, fsync=False)),
                        ("durable copy (dd, fsync)", dd_copy(hf, copy, fsync=True))):
-        runs.append(measure(label, cmd))
-        shutil.rmtree(copy)  # each run writes into the same free memory
+        runs.append(measure(label, cmd, output=copy, repeats=n))
+    shutil.rmtree(copy)
     # What each direction imports before touching a byte (megatron-core, whose import pulls in
     # torch._dynamo/_inductor, only HF -> Megatron needs): the fixed cost of a run, any model size.
     imports = {
         "HF -> Megatron": measure("imports of HF -> Megatron", [py, "-c", "import wit_megatron.convert.hf_to_mcore, "
-                                  "megatron.core.dist_checkpointing, megatron.core.models.gpt"]),
-        "Megatron -> HF": measure("imports of Megatron -> HF", [py, "-c", "import wit_megatron.convert.mcore_to_hf"]),
+                                  "megatron.core.dist_checkpointing, megatron.core.models.gpt"], repeats=n),
+        "Megatron -> HF": measure("imports of Megatron -> HF", [py, "-c", "import wit_megatron.convert.mcore_to_hf"],
+                                  repeats=n),
     }
     runs += list(imports.values()) + [
         dict(measure("HF -> Megatron", [py, str(ROOT / "tools/convert_hf_to_megatron.py"), "--hf", str(hf), "--out",
-                                        str(megatron)]), fixed_s=imports["HF -> Megatron"]["wall_s"]),
+                                        str(megatron)], output=megatron, repeats=n),
+             fixed_s=imports["HF -> Megatron"]["wall_s"]),
         dict(measure("Megatron -> HF", [py, str(ROOT / "tools/convert_megatron_to_hf.py"), "--megatron", str(megatron),
-                                        "--out", str(back)]), fixed_s=imports["Megatron -> HF"]["wall_s"]),
+                                        "--out", str(back)], output=back, repeats=n),
+             fixed_s=imports["Megatron -> HF"]["wall_s"]),
     ]
     shutil.rmtree(megatron)
     shutil.rmtree(back)
@@ -149,7 +164,7 @@ def main() -> None:
     copy_s, durable_s = runs[0]["wall_s"], runs[2]["wall_s"]
     gib = 1024**3
     print(f"model: {sizes['layers']} layers, {sizes['bytes'] / gib:.2f} GiB ({args.dtype}); largest layer "
-          f"{sizes['layer_bytes'] / gib:.3f} GiB; python {sys.version.split()[0]}")
+          f"{sizes['layer_bytes'] / gib:.3f} GiB; python {sys.version.split()[0]}; best of {n} runs")
     print(f"{'run':28} {'wall s':>8} {'/copy':>7} {'/durable':>9} {'-imports /durable':>18} {'peak RSS GiB':>13} "
           f"{'RSS/model':>10} {'RSS/layer':>10}")
     for r in runs:

@@ -235,7 +235,8 @@ def load_into_model(chunks: Sequence[torch.nn.Module], path: Path) -> tuple[set,
 
 @contextlib.contextmanager
 def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
-    """A temporary sibling directory renamed to `out` only when the block completes.
+    """A temporary sibling directory renamed to `out` only when the block completes (and its files are
+    on disk).
 
     An existing `out` is refused unless `force`; then it is replaced only after the new one is complete."""
     out = Path(out)
@@ -248,6 +249,7 @@ def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
     os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result is an ordinary directory
     try:
         yield tmp
+        _sync_tree(tmp)  # durable before it is renamed into place: a crash cannot leave a complete-looking `out`
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
             os.rename(out, old / out.name)
@@ -255,6 +257,23 @@ def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
             shutil.rmtree(old)
         else:
             os.rename(tmp, out)
+        _fsync(out.parent)  # the rename itself
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file and directory under `root` (writers that already synced their files make this cheap)."""
+    for directory, _, files in os.walk(root):
+        for name in files:
+            _fsync(os.path.join(directory, name))
+        _fsync(directory)
+
+
+def _fsync(path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -10,6 +10,7 @@ shard is never assembled in memory.
 from __future__ import annotations
 
 import json
+import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,9 @@ DTYPES = {
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 INDEX = "model.safetensors.index.json"
+# The writer flushes its shard to disk every this many bytes: dirty pages stay bounded however large
+# the model (an unbounded backlog throttles the writer and crowds out the page cache).
+SYNC_BYTES = 256 * 1024**2
 
 
 @dataclass(frozen=True)
@@ -131,6 +135,7 @@ class StreamingSafetensorsWriter:
         self._shard = -1
         self._file = None
         self._left_in_shard = 0
+        self._unsynced = 0
 
     def _open_next_shard(self) -> None:
         self._shard += 1
@@ -156,6 +161,11 @@ class StreamingSafetensorsWriter:
         if self._left_in_shard == 0:
             self._open_next_shard()
         self._file.write(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy().data)
+        self._unsynced += tensor.nbytes
+        if self._unsynced >= SYNC_BYTES:
+            self._file.flush()
+            os.fdatasync(self._file.fileno())
+            self._unsynced = 0
         self._next += 1
         self._left_in_shard -= 1
         if self._left_in_shard == 0:
