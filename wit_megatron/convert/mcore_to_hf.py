@@ -2,8 +2,8 @@
 
 Every output tensor's name, dtype and shape is planned first from the checkpoint's DCP metadata and
 its architecture record (no model is built and megatron-core is not imported). Then one layer at a
-time is read through torch DCP (`torch_dist_reader`), so resident memory is about one layer, and
-safetensors shards are streamed to disk as layers arrive.
+time is read through torch DCP (`torch_dist_reader`), the next while the previous is written, so
+resident memory is about two layers, and safetensors shards are streamed to disk as layers arrive.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
@@ -54,20 +55,29 @@ def convert_megatron_to_hf(megatron: Path, out: Path, force: bool = False, dry_r
     bar = tqdm_bar(sum(map(len, layers)), progress)
     with ckpt.atomic_output_dir(out, force) as tmp:
         writer = StreamingSafetensorsWriter(tmp, planned, max_shard_bytes)
-        # One DCP read per layer (per embedding / final-norm / output group): resident memory is about
-        # one layer, and the per-read overhead of DCP is paid once per layer instead of per tensor.
-        for group in layers:
+        # One DCP read per layer (per embedding / final-norm / output group), the next one read in a
+        # thread while this one is written (file reads and writes release the GIL): resident memory
+        # is about two layers, and DCP's per-read overhead is paid once per layer.
+        def read(group: list[Item]) -> list[torch.Tensor]:
             buffers = [torch.empty(item.shape, dtype=item.dtype) for item in group]
             reader.read({item.rule.megatron: item.region(buffer) for item, buffer in zip(group, buffers)})
-            for item, buffer in zip(group, buffers):
-                try:
-                    hf = item.rule.transform.to_hf(buffer, arch)
-                except ConversionError as e:  # e.g. KV-head copies that diverged in training
-                    raise ConversionError(f"{directory}: {item.target}: {e}") from None
-                for p, tensor in zip(item.planned, hf):
-                    writer.write(p.name, tensor)
-                bar.update(1)
-            del buffers
+            return buffers
+
+        with ThreadPoolExecutor(max_workers=1) as prefetch:
+            next_read = prefetch.submit(read, layers[0])
+            for index, group in enumerate(layers):
+                buffers = next_read.result()
+                if index + 1 < len(layers):
+                    next_read = prefetch.submit(read, layers[index + 1])
+                for item, buffer in zip(group, buffers):
+                    try:
+                        hf = item.rule.transform.to_hf(buffer, arch)
+                    except ConversionError as e:  # e.g. KV-head copies that diverged in training
+                        raise ConversionError(f"{directory}: {item.target}: {e}") from None
+                    for p, tensor in zip(item.planned, hf):
+                        writer.write(p.name, tensor)
+                    bar.update(1)
+                del buffers, hf
         writer.finish()
         _write_configs(root, tmp, hf_config, planned)
     bar.close()
