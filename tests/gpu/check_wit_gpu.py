@@ -9,6 +9,9 @@ Checks (each prints PASS/FAIL with its numbers; exit status 1 if any fails):
  2. bf16, Transformer Engine spec: the WIT loss is within bf16 rounding of the fp32 reference.
  3. Packed sequences through Transformer Engine's THD attention (cu_seqlens): per-token losses of
     records packed into one sequence equal the records run one by one.
+ 4. Conversion with Transformer Engine's parameter naming: an HF checkpoint converted to Megatron loads
+    into the TE-spec GPTModel with no missing or unexpected keys and gives transformers' logits (fp32);
+    that model saved as training saves it exports to HF bit-identical to the original weights.
 Sequence parallelism needs tp >= 2 and context parallelism cp >= 2, i.e. at least two GPUs: with one
 GPU the script says so and does not pretend to have checked them.
 """
@@ -134,9 +137,40 @@ def main():
         diff = (packed.float() - single.float()).abs().max().item()
         report("packed THD (2 rows) vs one record at a time (bf16)", diff <= 5e-2, f"max |Δ per-token NLL| {diff:.2e}")
 
+    # 4. Conversion through the TE spec's parameter names (the local spec on a CPU dry run).
+    check_conversion(specs[-1])
+
     print("NOTE  sequence parallelism (tp >= 2) and context parallelism (cp >= 2) need 2+ GPUs: not checked here", flush=True)
     print(f"{len(FAILURES)} failed" if FAILURES else "all checks passed", flush=True)
     sys.exit(1 if FAILURES else 0)
+
+
+def check_conversion(kind: str) -> None:
+    import tempfile
+
+    from tests.convert_models import safetensors_of
+    from wit_megatron.convert import checkpoint as ckpt
+    from wit_megatron.convert.hf_to_mcore import convert_hf_to_megatron
+    from wit_megatron.convert.mcore_to_hf import convert_megatron_to_hf
+    from wit_megatron.convert.verify import hf_logits, load_model, model_logits
+
+    hf = Path(__file__).resolve().parents[1] / "data/convert/tiny-llama-hf"
+    tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        convert_hf_to_megatron(hf, Path(tmp) / "megatron", progress=False)
+        (model,), arch, missing, unexpected = load_model(str(Path(tmp) / "megatron"), (1, 1, None))
+        uses_te = any(type(m).__module__.startswith("megatron.core.extensions.transformer_engine") for m in model.modules())
+        diff = (model_logits([model], arch, tokens) - hf_logits(hf, tokens)).abs().max().item()
+        report(f"converted checkpoint into the {kind} spec (TE modules: {uses_te}) vs transformers",
+               not missing and not unexpected and diff <= 1e-4 and uses_te == (kind == "te"),
+               f"missing {sorted(missing)}, unexpected {sorted(unexpected)}, max |Δlogit| {diff:.1e}")
+        record = ckpt.read_record(*ckpt.resolve(Path(tmp) / "megatron"))
+        ckpt.save_training_checkpoint([model], Path(tmp) / "trained", iteration=1, record=record)
+        convert_megatron_to_hf(Path(tmp) / "trained", Path(tmp) / "back", progress=False)
+        before, after = safetensors_of(hf), safetensors_of(Path(tmp) / "back")
+        same = sorted(before) == sorted(after) and all(
+            before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]) for k in before)
+        report(f"{kind}-spec model saved by training -> HF", same, f"{len(after)} tensors, bit-identical: {same}")
 
 
 def _te_importable() -> bool:

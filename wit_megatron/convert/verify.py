@@ -53,17 +53,19 @@ def model_logits(chunks, arch: GPTArch, tokens: torch.Tensor) -> Optional[torch.
 
     for chunk in chunks:
         chunk.eval()
+    device = next(unwrap(chunks[0]).parameters()).device  # CUDA when the model was built on a GPU
     batch, seq = tokens.shape
-    positions = torch.arange(seq).unsqueeze(0).expand(batch, seq)
+    tokens = tokens.to(device)
+    positions = torch.arange(seq, device=device).unsqueeze(0).expand(batch, seq)
     gathered = []
     # With calculate_per_token_loss the schedule expects (loss, num_tokens, report), else (loss, report).
     per_token = unwrap(chunks[0]).config.calculate_per_token_loss
 
     def loss_func(output: torch.Tensor):
         full = tensor_parallel.gather_from_tensor_model_parallel_region(output)  # [b, s, padded vocab]
-        gathered.append(full[..., : arch.tokenizer_vocab_size].float())
+        gathered.append(full[..., : arch.tokenizer_vocab_size].float().cpu())
         zero = output.sum() * 0.0
-        return (zero, torch.tensor(1, dtype=torch.int), {}) if per_token else (zero, {})
+        return (zero, torch.tensor(1, dtype=torch.int, device=device), {}) if per_token else (zero, {})
 
     def forward_step(data_iterator, model):
         return model(tokens, positions, None), loss_func
