@@ -80,11 +80,14 @@ def test_bad_record_is_named_or_counted(tmp_path, case):
     assert saved["skipped"] == {reason: 1} and reason in saved["skipped_reasons"]
 
 
-def test_all_cases_in_one_file_are_each_counted(tmp_path):
+@pytest.mark.parametrize("workers", [1, 2])
+def test_all_cases_in_one_file_are_each_counted(tmp_path, workers):
     lines = [json.dumps(GOOD)] + [c[1] for c in CASES if not c[4]] + ["", json.dumps(GOOD)]
     path = tmp_path / "mixed.jsonl"
     path.write_text("\n".join(lines) + "\n")
-    report = preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), str(smollm2.tokenizer_dir()), on_error="skip", progress=False))
+    tok = str(smollm2.tokenizer_dir())
+    report = preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), tok, on_error="skip", workers=workers,
+                                         chunk_size=3, progress=False))
     expected: dict[str, int] = {}
     for c in CASES:
         if not c[4]:
@@ -92,6 +95,10 @@ def test_all_cases_in_one_file_are_each_counted(tmp_path):
     assert report.skipped == expected
     assert report.records_read == report.records_written + sum(expected.values()) == len(lines) - 1
     assert report.blank_lines == 1
+    if workers > 1:  # the first bad record stops a run without --on-error skip, worker parts removed
+        with pytest.raises(PreprocessError, match=rf"^{path}:2: "):
+            preprocess(PreprocessConfig([str(path)], str(tmp_path / "raised"), tok, workers=workers, chunk_size=3, progress=False))
+        assert not list(tmp_path.glob(".*parts-*"))
 
 
 def test_bad_files(tmp_path):

@@ -61,6 +61,9 @@ class RecordError(ValueError):
         self.reason = reason
         self.detail = detail
 
+    def __reduce__(self):  # workers send these back and forth: rebuild from both fields, not from args
+        return type(self), (self.reason, self.detail)
+
 
 @dataclass(frozen=True)
 class PaperRecord:
