@@ -110,15 +110,19 @@ def test_every_input_kind_and_worker_count_writes_the_same_bytes(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps(records))
     datasets.Dataset.from_list(records).to_parquet(str(tmp_path / "a.parquet"))
     datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
-    outputs = {}
+    outputs, reports = {}, {}
     for kind, paths in inputs.items():
         prefix = str(tmp_path / f"out_{kind}")
-        run(PreprocessConfig(paths, prefix, tok_dir, chunk_size=16, progress=False))
+        reports[kind] = run(PreprocessConfig(paths, prefix, tok_dir, chunk_size=16, progress=False))
         outputs[kind] = prefix
     prefix = str(tmp_path / "out_workers")
     report = run(PreprocessConfig(inputs["jsonl"], prefix, tok_dir, workers=2, chunk_size=16, progress=False))
     outputs["jsonl, 2 workers"] = prefix
     assert [p["records_read"] for p in report.per_input] == [half, len(records) - half]
+    timing = ("elapsed_s", "tokens_per_s")
+    assert {k: v for k, v in report.as_dict().items() if k not in timing} == \
+        {k: v for k, v in reports["jsonl"].as_dict().items() if k not in timing}
+    assert not list(tmp_path.glob(".out_workers.parts-*"))  # the workers' part datasets are merged and gone
     reference = {suffix: Path(outputs["jsonl"] + suffix).read_bytes() for suffix in ("_tokens.bin", "_tokens.idx", "_roles.bin", "_roles.idx")}
     for kind, prefix in outputs.items():
         for suffix, data in reference.items():

@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 from pathlib import Path
+from typing import Optional
+
 import numpy as np
 import torch
 
@@ -61,14 +63,26 @@ class WITIndexedWriter:
         self._roles.add_item(torch.from_numpy(np.ascontiguousarray(roles, dtype=np.uint8)))
         self._roles.end_document()
 
-    def finalize(self, meta: dict) -> None:
+    def append_part(self, part: str) -> None:
+        """Append the records of another writer's finalized output `part` (same vocabulary) with
+        megatron-core's `add_index`, then delete the part's files."""
+        from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
+
+        for builder, suffix in ((self._tokens, TOKENS_SUFFIX), (self._roles, ROLES_SUFFIX)):
+            builder.add_index(part + suffix)
+            os.remove(get_bin_path(part + suffix))
+            os.remove(get_idx_path(part + suffix))
+
+    def finalize(self, meta: Optional[dict] = None) -> None:
+        """Write both index files and, with `meta`, the dataset's meta.json (a part has none)."""
         from megatron.core.datasets.indexed_dataset import get_idx_path
 
         self._tokens.finalize(get_idx_path(self.prefix + TOKENS_SUFFIX))
         self._roles.finalize(get_idx_path(self.prefix + ROLES_SUFFIX))
-        meta = dict(meta, version=META_VERSION, vocab_size=self.vocab_size, role_codes=role_codes(),
-                    token_dtype=np.dtype(self.token_dtype).name)
-        write_json(meta_path(self.prefix), meta)
+        if meta is not None:
+            meta = dict(meta, version=META_VERSION, vocab_size=self.vocab_size, role_codes=role_codes(),
+                        token_dtype=np.dtype(self.token_dtype).name)
+            write_json(meta_path(self.prefix), meta)
 
 
 def write_json(path: str, obj: dict) -> None:

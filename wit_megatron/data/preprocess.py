@@ -1,9 +1,12 @@
 """Preprocess instruction data into a WIT indexed dataset (see indexed.py for the layout).
 
     inputs ─► sources.iter_source ─► chunks of records ─► workers: formats.parse_record, tokenize.*,
-    truncation ─► in input order ─► indexed.WITIndexedWriter ─► report
+    truncation, the chunk's records written to a part dataset ─► in input order ─► parts appended to
+    indexed.WITIndexedWriter (megatron-core's add_index) ─► report
 
-Output is identical for any number of workers: chunks come back in input order (Pool.imap).
+Output is identical for any number of workers: chunks come back in input order (Pool.imap). With one
+worker the main process encodes and writes each record itself (no parts). The main process of a
+multi-worker run reads inputs, merges part files and counts: no per-record arrays pass through it.
 A bad record raises `PreprocessError` naming its file and line, unless `on_error="skip"`, which
 counts it under its reason in the report. Nothing is dropped without being counted.
 """
@@ -13,11 +16,14 @@ from __future__ import annotations
 import argparse
 import multiprocessing
 import os
+import shutil
 import sys
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from itertools import islice
+from pathlib import Path
 from typing import Iterator, Literal, Optional, Sequence
 
 import numpy as np
@@ -88,13 +94,13 @@ class Report:
     elapsed_s: float = 0.0
     tokens_per_s: float = 0.0
 
-    def add_written(self, encoded: Encoded, fmt: str, was_truncated: bool) -> None:
-        n = len(encoded)
+    def add_written(self, outcome: _Outcome) -> None:
+        n = outcome.length
         self.records_written += 1
         self.tokens += n
-        self.truncated += was_truncated
-        self.formats[fmt] = self.formats.get(fmt, 0) + 1
-        for name, count in zip(_ROLE_NAMES, np.bincount(encoded.roles, minlength=len(Role)).tolist()):
+        self.truncated += outcome.truncated
+        self.formats[outcome.fmt] = self.formats.get(outcome.fmt, 0) + 1
+        for name, count in zip(_ROLE_NAMES, outcome.role_counts):
             self.tokens_by_role[name] += count
         key = f"<={1 << max(0, (n - 1).bit_length())}"
         self.length_histogram[key] = self.length_histogram.get(key, 0) + 1
@@ -114,11 +120,13 @@ class Report:
 
 @dataclass
 class _Outcome:
-    """A worker's verdict on one record."""
+    """A worker's verdict on one record. `encoded` is dropped once a worker has written it to its part."""
 
     location: str
     fmt: Optional[str] = None
     encoded: Optional[Encoded] = None
+    length: int = 0  # tokens written
+    role_counts: tuple = ()  # tokens written per role code
     truncated: bool = False
     error: Optional[RecordError] = None
 
@@ -129,12 +137,12 @@ class RecordEncoder:
     def __init__(self, config: PreprocessConfig, tokenizer):
         self.config = config
         self.paper = PaperEncoder(tokenizer, append_eos=config.append_eos)
-        self._tokenizer = tokenizer
+        self.tokenizer = tokenizer
         self._chat: Optional[ChatEncoder] = None
 
     def chat(self) -> ChatEncoder:
         if self._chat is None:  # built on first chat record: paper-only runs need no template
-            self._chat = ChatEncoder(self._tokenizer, _read_template(self.config.chat_template))
+            self._chat = ChatEncoder(self.tokenizer, _read_template(self.config.chat_template))
         return self._chat
 
     def encode_chunk(self, items: list[SourceItem]) -> list[_Outcome]:
@@ -170,7 +178,8 @@ class RecordEncoder:
                 "no_response_tokens", f"truncation to {self.config.max_length} tokens ({self.config.truncation}) left no response token"
             )
             return
-        outcome.encoded = encoded
+        outcome.encoded, outcome.length = encoded, len(encoded)
+        outcome.role_counts = tuple(np.bincount(encoded.roles, minlength=len(Role)).tolist())
 
 
 def _format_name(raw, record) -> str:
@@ -196,17 +205,33 @@ def load_tokenizer(name_or_path: str):
 
 # Worker-process state: set before the pool forks, or by the spawn initializer.
 _ENCODER: Optional[RecordEncoder] = None
+_PARTS: Optional[str] = None  # directory of the workers' part datasets
 
 
-def _init_worker(config: PreprocessConfig, tokenizer_path: Optional[str]) -> None:
-    global _ENCODER
+def _init_worker(config: PreprocessConfig, tokenizer_path: Optional[str], parts: str) -> None:
+    global _ENCODER, _PARTS
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the workers are the parallelism
     if _ENCODER is None:
         _ENCODER = RecordEncoder(config, load_tokenizer(tokenizer_path))
+    _PARTS = parts
 
 
-def _encode_in_worker(items: list[SourceItem]) -> list[_Outcome]:
-    return _ENCODER.encode_chunk(items)
+def _encode_in_worker(task: tuple[int, list[SourceItem]]) -> tuple[Optional[str], list[_Outcome]]:
+    """Encode chunk `index` and write its records to a part dataset of their own, so that the main
+    process only merges files (megatron-core's `add_index`) instead of handling every record's arrays.
+    Returns (part prefix or None if no record was written, outcomes without their arrays)."""
+    index, items = task
+    outcomes = _ENCODER.encode_chunk(items)
+    written = [o for o in outcomes if o.encoded is not None]
+    if not written:
+        return None, outcomes
+    part = os.path.join(_PARTS, f"{index:08d}")
+    writer = WITIndexedWriter(part, vocab_size(_ENCODER.tokenizer))
+    for o in written:
+        writer.add(o.encoded.ids, o.encoded.roles)
+        o.encoded = None
+    writer.finalize()
+    return part, outcomes
 
 
 def _chunks(items: Iterator[SourceItem], size: int) -> Iterator[list[SourceItem]]:
@@ -229,20 +254,24 @@ def run(config: PreprocessConfig, tokenizer=None) -> Report:
     report = Report()
     writer = WITIndexedWriter(config.output_prefix, vocab_size(tokenizer))
     start = time.perf_counter()
-    pool = None
+    pool, parts = None, None
     if config.workers > 1:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         _ENCODER = encoder if method == "fork" else None  # forked workers inherit the loaded tokenizer
+        parts = tempfile.mkdtemp(prefix=f".{Path(config.output_prefix).name}.parts-", dir=Path(config.output_prefix).parent)
         ctx = multiprocessing.get_context(method)
-        pool = ctx.Pool(config.workers, initializer=_init_worker, initargs=(config, config.tokenizer))
+        pool = ctx.Pool(config.workers, initializer=_init_worker, initargs=(config, config.tokenizer, parts))
     try:
         with tqdm(desc="records", unit=" rec", disable=not config.progress, file=sys.stderr) as bar:
             for path in config.inputs:
                 stats = SourceStats()
                 before = (report.records_read, report.records_written)
                 chunks = _chunks(iter_source(path, config.split, stats), config.chunk_size)
-                results = pool.imap(_encode_in_worker, chunks) if pool else map(encoder.encode_chunk, chunks)
-                for outcomes in results:
+                if pool:  # in input order; each chunk's records already written to a part by its worker
+                    results = pool.imap(_encode_in_worker, enumerate(chunks))
+                else:
+                    results = ((None, encoder.encode_chunk(chunk)) for chunk in chunks)
+                for part, outcomes in results:
                     for o in outcomes:
                         report.records_read += 1
                         if o.error is not None:
@@ -250,8 +279,11 @@ def run(config: PreprocessConfig, tokenizer=None) -> Report:
                                 raise PreprocessError(f"{o.location}: {o.error}\n(use --on-error skip to count and skip such records)")
                             report.add_skipped(o.location, o.error)
                             continue
-                        writer.add(o.encoded.ids, o.encoded.roles)
-                        report.add_written(o.encoded, o.fmt, o.truncated)
+                        if o.encoded is not None:
+                            writer.add(o.encoded.ids, o.encoded.roles)
+                        report.add_written(o)
+                    if part is not None:
+                        writer.append_part(part)
                     bar.update(len(outcomes))
                 report.blank_lines += stats.blank_lines
                 report.per_input.append({
@@ -262,6 +294,8 @@ def run(config: PreprocessConfig, tokenizer=None) -> Report:
     finally:
         if pool is not None:
             pool.terminate()
+        if parts is not None:
+            shutil.rmtree(parts, ignore_errors=True)
         _ENCODER = None
     report.elapsed_s = time.perf_counter() - start
     report.tokens_per_s = report.tokens / report.elapsed_s if report.elapsed_s > 0 else 0.0
