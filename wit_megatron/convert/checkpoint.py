@@ -179,11 +179,13 @@ def with_data(sharded, tensor: torch.Tensor):
 
 
 def write_layout(root: Path, iteration: Optional[int], record: dict, assets: Optional[Path]) -> None:
-    """The tracker file, the record and the HF assets around an already saved iteration directory."""
-    (root / TRACKER).write_text("release" if iteration is None else str(iteration))
-    (root / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    """The record, the HF assets and the tracker file around an already saved iteration directory."""
+    # The tracker last: a training save interrupted before it still points at the previous
+    # iteration. Each file is replaced whole, never left half-written.
+    _replace_file(root / RECORD, json.dumps(record, indent=2) + "\n")
     if assets is not None and assets.resolve() != (root / ASSETS).resolve():
         shutil.copytree(assets, root / ASSETS, dirs_exist_ok=True)
+    _replace_file(root / TRACKER, "release" if iteration is None else str(iteration))
 
 
 def save_training_checkpoint(chunks: Sequence[torch.nn.Module], root: Path, iteration: int, record: dict,
@@ -261,6 +263,16 @@ def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replace_file(path: Path, text: str) -> None:
+    """Write `text` to `path` through a synced temporary file renamed over it."""
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def _sync_tree(root: Path) -> None:
