@@ -165,3 +165,23 @@ def test_cli_failure_midway_leaves_nothing_and_force_replaces(tiny, tmp_path):
     assert not (out / "stale").exists()
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
+
+
+def test_an_interrupted_layout_write_keeps_the_previous_iteration(tmp_path, monkeypatch):
+    from wit_megatron.convert import checkpoint as ckpt
+
+    (tmp_path / ckpt.TRACKER).write_text("1")
+    assets = tmp_path / "assets"
+    assets.mkdir()
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ckpt.shutil, "copytree", fail)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.write_layout(tmp_path, 2, {"arch": {}}, assets)
+    assert (tmp_path / ckpt.TRACKER).read_text() == "1"  # still the last complete iteration
+    monkeypatch.undo()
+    ckpt.write_layout(tmp_path, 2, {"arch": {}}, assets)
+    assert (tmp_path / ckpt.TRACKER).read_text() == "2"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary files left
