@@ -18,7 +18,7 @@ which other jobs on a shared machine do not inflate; each the best of --repeats,
   ours, encode only, two-pass path      the same with the cut turned off: what tokenizers outside the
                                         proven family (e.g. SentencePiece/Metaspace) get
   ours, end to end, N workers           the whole tool: read JSONL, parse, encode, write .bin/.idx + report
-Dataset rows: samples/s reading every sample of a WITDataset once, one core.
+Dataset rows: samples/s reading every sample of a WITDataset (sample index loaded from its cache), one core.
 """
 
 from __future__ import annotations
@@ -127,7 +127,8 @@ def dataset_rows(records: list[dict], seq_length: int, repeats: int) -> list[tup
         for packing in (True, False):
             config = WITDatasetConfig(random_seed=1, sequence_length=seq_length, blend=([prefix], None), split="100,0,0",
                                       role_weights=RoleWeights(0.2, 1.0), packing=packing, path_to_cache=f"{tmp}/cache")
-            (train, _, _) = build_datasets(config, [None, None, None])
+            build_datasets(config, [None, None, None])  # builds and caches the sample index
+            (train, _, _) = build_datasets(config, [None, None, None])  # loads it, as every later run does
             reads = max(len(train), 20_000)  # enough reads for a stable rate
 
             def read_all():
