@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from wit_megatron.model import GPTArch, build_model, check_layout, transformer_config
+from wit_megatron.model import GPTArch, build_model, check_layout, layer_spec, preferred_layer_spec, transformer_config
 from wit_megatron.roles import RoleWeights
 from wit_megatron.runtime.parallel import ParallelLayout, init_distributed, init_model_parallel
 from wit_megatron.train import build_optimizer, train_step, wrap_ddp
@@ -37,6 +37,9 @@ def parse_args():
     g.add_argument("--data-path", nargs="+", help="preprocessed prefixes, optionally weighted: 'P' or 'W1 P1 W2 P2 ...'; default: synthetic batches")
     g.add_argument("--split", default="100,0,0", help="train,valid,test proportions of each prefix (Megatron's --split)")
     g.add_argument("--no-packing", action="store_true", help="one record per sequence instead of packing several")
+    g.add_argument("--layer-spec", choices=["te", "local"],
+                   help="te: Transformer Engine's layer spec where TE and a GPU are present, else the local spec; local: always "
+                   "the local (torch) spec. Default: what the converter recorded in --load's checkpoint, else te")
     g.add_argument("--save", type=Path, help="save the trained weights here (Megatron-LM layout, torch_dist) after the last step")
     g = p.add_argument_group("training")
     g.add_argument("--train-iters", type=int, default=20)
@@ -85,7 +88,10 @@ def main():
 
     # Model: one GPTModel chunk per virtual pipeline stage, weights loaded at this layout, in Megatron-Core DDP.
     config = transformer_config(arch, layout, dtype)
-    chunks = build_model(arch, config)
+    spec_kind = preferred_layer_spec(args.layer_spec or (record or {}).get("layer_spec"))
+    chunks = build_model(arch, config, spec=layer_spec(arch, spec_kind))
+    if torch.distributed.get_rank() == 0:
+        print(f"layer spec: {spec_kind}", flush=True)
     if args.load:
         from wit_megatron.convert.checkpoint import load_into_model
 

@@ -137,14 +137,30 @@ def transformer_config(arch: GPTArch, layout: ParallelLayout, dtype: torch.dtype
 
 
 def layer_spec(arch: GPTArch, kind: LayerSpec = "auto"):
-    """Transformer Engine's layer spec on GPUs with TE installed, the local (torch) spec otherwise."""
+    """megatron-core's layer spec of `kind`: "te" (Transformer Engine), "local" (torch), or "auto":
+    TE's on GPUs with TE installed, the local spec otherwise."""
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     if kind == "auto":
         kind = "te" if transformer_engine_available() else "local"
     if kind == "te":
+        if not transformer_engine_available():
+            raise RuntimeError("the Transformer Engine layer spec needs a GPU and transformer-engine installed; use the local spec")
         return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    if kind != "local":
+        raise ValueError(f"layer spec {kind!r}: choose auto, te or local")
     return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+
+
+def preferred_layer_spec(preference: Optional[str]) -> LayerSpec:
+    """The spec ("te" or "local") to build for a converter's recorded `--layer-spec` or a training
+    flag: "local" is always honoured; "te" (the converters' default, also for None) gives TE's spec
+    where TE and a GPU are present and the local spec elsewhere (CPU)."""
+    if preference not in (None, "te", "local"):
+        raise ValueError(f"layer spec {preference!r}: choose te or local")
+    if preference == "local" or not transformer_engine_available():
+        return "local"
+    return "te"
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

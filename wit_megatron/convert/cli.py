@@ -26,7 +26,9 @@ def hf_to_megatron(argv=None) -> int:
     parser.add_argument("--out", required=True, type=Path, help="output checkpoint directory (refused if it exists)")
     parser.add_argument("--dtype", choices=["bf16", "fp16", "fp32"], help="cast weights (default: keep the file's dtype)")
     parser.add_argument("--layer-spec", choices=["te", "local"], default="te",
-                        help="layer spec training should build (recorded; torch_dist keys are the same for both)")
+                        help="layer spec examples/pretrain_wit.py builds from this checkpoint (recorded): te = Transformer "
+                        "Engine's where TE and a GPU are present, else local; local = always the local spec. The "
+                        "checkpoint's keys are the same for both")
     parser.add_argument("--vocab-multiple", type=int, metavar="N",
                         help="pad the vocabulary to a multiple of N (and of every valid TP size), e.g. 128 for "
                         "GPU-friendly shapes. Default: only what every valid TP size needs, usually nothing. "
