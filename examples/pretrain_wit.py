@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from wit_megatron.model import GPTArch, build_model, check_layout, layer_spec, preferred_layer_spec, transformer_config
+from wit_megatron.model import GPTArch, LayoutError, build_model, check_layout, layer_spec, preferred_layer_spec, transformer_config
 from wit_megatron.roles import RoleWeights
 from wit_megatron.runtime.parallel import ParallelLayout, init_distributed, init_model_parallel
 from wit_megatron.train import build_optimizer, train_step, wrap_ddp
@@ -81,7 +81,10 @@ def main():
             num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
             ffn_hidden_size=4 * args.hidden_size, max_position_embeddings=args.seq_length,
         ), torch.float32
-    check_layout(arch, layout)
+    try:
+        check_layout(arch, layout)
+    except LayoutError as e:
+        raise SystemExit(f"error: {e}")
     init_model_parallel(layout, seed=args.seed)
 
     from megatron.core import parallel_state as ps

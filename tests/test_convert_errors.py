@@ -18,7 +18,7 @@ from wit_megatron.convert.hf_config import arch_from_hf_config, rope_settings
 from wit_megatron.convert.hf_to_mcore import convert_hf_to_megatron
 from wit_megatron.convert.mcore_to_hf import convert_megatron_to_hf
 from wit_megatron.convert.transforms import ConversionError
-from wit_megatron.model import check_layout
+from wit_megatron.model import LayoutError, check_layout
 from wit_megatron.runtime.parallel import ParallelLayout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -113,6 +113,8 @@ def test_impossible_layouts_name_the_valid_sizes(tiny):
     arch = arch_from_hf_config(llama, config)
     with pytest.raises(ValueError, match=r"4 layers cannot be split into pp\*vpp = 3 stages; valid pp\*vpp: \[1, 2, 4\]"):
         check_layout(arch, ParallelLayout(pp=3))
+    with pytest.raises(LayoutError, match=r"4 layers cannot be split into pp\*vpp = 8 stages; valid pp\*vpp: \[1, 2, 4\]"):
+        check_layout(arch, ParallelLayout(pp=2, vpp=4))
 
 
 def test_megatron_side_errors(tmp_path):

@@ -1,5 +1,6 @@
-"""The verify tool passes a faithful conversion and fails (exit 1) a different model; the family tables'
-local-spec names and checkpoint shapes are exactly those of megatron-core's GPTModel."""
+"""The verify tool passes a faithful conversion, fails (exit 1) a different model and refuses (exit 2) an
+impossible layout; the family tables' local-spec names and checkpoint shapes are exactly those of
+megatron-core's GPTModel."""
 
 from __future__ import annotations
 
@@ -33,6 +34,9 @@ def test_verify_tool_reports_and_fails_beyond_tolerance(tmp_path):
     bad = verify(other, tmp_path / "megatron", "--pp", "2")
     assert bad.returncode == 1, bad.stderr[-3000:]
     assert not json.loads(bad.stdout[bad.stdout.index("{"):])["ok"]
+    refused = verify(hf, tmp_path / "megatron", "--tp", "3")  # refused input: exit 2 with the message, no traceback
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-3000:]
+    assert "error: tensor-parallel size 3 does not divide" in refused.stderr and "valid sizes: [1, 2]" in refused.stderr
 
 
 def test_family_tables_match_the_model_megatron_core_builds():

@@ -65,8 +65,12 @@ class GPTArch:
         return cls(**d)
 
 
+class LayoutError(ValueError):
+    """A parallel layout the model cannot be split into."""
+
+
 def check_layout(arch: GPTArch, layout: ParallelLayout) -> None:
-    """Refuse a layout the model cannot be split into, naming the sizes that would work."""
+    """Refuse a layout the model cannot be split into (LayoutError), naming the sizes that would work."""
 
     def divisors(n: int) -> list[int]:
         return [d for d in range(1, n + 1) if n % d == 0]
@@ -82,10 +86,10 @@ def check_layout(arch: GPTArch, layout: ParallelLayout) -> None:
             replicas = layout.tp // math.gcd(layout.tp, kv_heads)
             message += (f". To run at TP {layout.tp}, convert the HF model with --kv-replicas {replicas} "
                         f"({kv_heads} KV heads x {replicas} identical copies = {kv_heads * replicas} query groups)")
-        raise ValueError(message)
+        raise LayoutError(message)
     stages = layout.pp * (layout.vpp or 1)
     if arch.num_layers % stages:
-        raise ValueError(
+        raise LayoutError(
             f"{arch.num_layers} layers cannot be split into pp*vpp = {stages} stages; "
             f"valid pp*vpp: {divisors(arch.num_layers)}"
         )

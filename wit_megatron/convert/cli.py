@@ -8,12 +8,14 @@ import sys
 from pathlib import Path
 
 from wit_megatron.convert.transforms import ConversionError
+from wit_megatron.model import LayoutError
 
 
 def _run(fn) -> int:
+    """fn(); a refused input prints its message and exits 2 (not a traceback)."""
     try:
         fn()
-    except ConversionError as e:
+    except (ConversionError, LayoutError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -66,7 +68,7 @@ def megatron_to_hf(argv=None) -> int:
 
 def verify(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Run the HF model and the Megatron checkpoint on the same prompts (CPU) "
-                                     "and compare logits; exit 1 beyond tolerance.")
+                                     "and compare logits; exit 1 beyond tolerance, 2 on refused input (e.g. an impossible layout).")
     parser.add_argument("--hf", required=True, type=Path)
     parser.add_argument("--megatron", required=True, type=Path)
     parser.add_argument("--tp", type=int, default=1)
