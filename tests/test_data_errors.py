@@ -3,12 +3,15 @@ or, with on_error="skip", is counted under its reason in the report (nothing dro
 
 from __future__ import annotations
 
+import gzip
 import json
 from pathlib import Path
 
 import pytest
 
+from wit_megatron.data.indexed import WITIndexedData
 from wit_megatron.data.preprocess import PreprocessConfig, PreprocessError, main, run
+from wit_megatron.data.sources import InputError
 from wit_megatron.data.tokenize import BUILTIN_TEMPLATES
 from wit_megatron.testing import smollm2
 
@@ -105,18 +108,51 @@ def test_bad_files(tmp_path):
     tok = str(smollm2.tokenizer_dir())
     not_array = tmp_path / "obj.json"
     not_array.write_text('{"prompt": "a", "response": "b"}')
-    with pytest.raises(ValueError, match=r"obj.json: a .json input must hold a JSON array of records, found a dict"):
+    with pytest.raises(InputError, match=r"obj.json: a .json input must hold a JSON array of records, found a dict"):
         preprocess(PreprocessConfig([str(not_array)], str(tmp_path / "o"), tok, progress=False))
     broken = tmp_path / "broken.json"
     broken.write_text('[\n{"prompt": "a",\n "response": }]')
-    with pytest.raises(ValueError, match=r"broken.json:3:14: not valid JSON"):
+    with pytest.raises(InputError, match=r"broken.json:3:14: not valid JSON"):
         preprocess(PreprocessConfig([str(broken)], str(tmp_path / "o"), tok, progress=False))
     csv = tmp_path / "data.csv"
     csv.write_text("prompt,response\n")
-    with pytest.raises(ValueError, match=r"data.csv: unsupported input"):
+    with pytest.raises(InputError, match=r"data.csv: unsupported input"):
         preprocess(PreprocessConfig([str(csv)], str(tmp_path / "o"), tok, progress=False))
-    with pytest.raises(FileNotFoundError, match=r"'no/such/file.jsonl' is neither a file nor a directory"):
+    with pytest.raises(InputError, match=r"'no/such/file.jsonl' is neither a file nor a directory, and `datasets` cannot load it offline"):
         preprocess(PreprocessConfig(["no/such/file.jsonl"], str(tmp_path / "o"), tok, progress=False))
+    latin1 = tmp_path / "latin1.json"
+    latin1.write_bytes('[{"prompt": "café", "response": "b"}]'.encode("latin-1"))
+    with pytest.raises(InputError, match=r"latin1.json: not UTF-8 \(byte 0xe9 at offset 16\)"):
+        preprocess(PreprocessConfig([str(latin1)], str(tmp_path / "o"), tok, progress=False))
+    gz = tmp_path / "cut.jsonl.gz"
+    gz.write_bytes(gzip.compress(("\n".join([json.dumps(GOOD)] * 2000) + "\n").encode())[:300])
+    with pytest.raises(InputError, match=r"cut.jsonl.gz: cannot be read after line \d+: "):
+        preprocess(PreprocessConfig([str(gz)], str(tmp_path / "o"), tok, progress=False))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["obj.json", "broken.json", "data.csv", "latin1.json", "cut.jsonl.gz"])
+
+
+def test_a_line_that_is_not_utf8_is_that_records_error(tmp_path):
+    path = tmp_path / "data.jsonl"
+    path.write_bytes(b"\n".join([json.dumps(GOOD).encode(), b'{"prompt": "caf\xe9", "response": "b"}', json.dumps(GOOD).encode()]) + b"\n")
+    tok = str(smollm2.tokenizer_dir())
+    with pytest.raises(PreprocessError, match=rf"^{path}:2: malformed_json: not UTF-8: byte 0xe9 at column 16"):
+        preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), tok, progress=False))
+    report = preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), tok, on_error="skip", progress=False))
+    assert (report.records_read, report.records_written, report.skipped) == (3, 2, {"malformed_json": 1})
+
+
+def test_a_failed_run_leaves_no_files_and_the_previous_dataset_intact(tmp_path):
+    tok = str(smollm2.tokenizer_dir())
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps(GOOD) + "\n")
+    preprocess(PreprocessConfig([str(good)], str(tmp_path / "out"), tok, progress=False))
+    files = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    path, _ = write(tmp_path, "{oops", {})  # the first record is written before the second stops the run
+    for workers in (1, 2):
+        with pytest.raises(PreprocessError):
+            preprocess(PreprocessConfig([path], str(tmp_path / "out"), tok, workers=workers, chunk_size=1, progress=False))
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "data.jsonl"} == files
+    assert len(WITIndexedData(str(tmp_path / "out"))) == 1
 
 
 def test_cli_exit_code_and_message(tmp_path, capsys):
@@ -128,3 +164,11 @@ def test_cli_exit_code_and_message(tmp_path, capsys):
                  "--no-progress", "--on-error", "skip"])
     assert code == 0
     assert "skipped 1 {'malformed_json': 1}" in capsys.readouterr().err
+    code = main(["--input", str(tmp_path / "missing.jsonl"), "--output-prefix", str(tmp_path / "o2"), "--tokenizer",
+                 str(smollm2.tokenizer_dir()), "--no-progress"])
+    assert code == 2
+    assert "error: 'missing.jsonl' is neither a file nor a directory" in capsys.readouterr().err.replace(str(tmp_path) + "/", "")
+    code = main(["--input", path, "--output-prefix", str(tmp_path / "o2"), "--tokenizer", str(tmp_path / "no-tokenizer"), "--no-progress"])
+    assert code == 2
+    assert f"error: tokenizer '{tmp_path / 'no-tokenizer'}' cannot be loaded" in capsys.readouterr().err
+    assert not list(tmp_path.glob("o2*")) and not list(tmp_path.glob(".o2*"))

@@ -85,6 +85,37 @@ class WITIndexedWriter:
             write_json(meta_path(self.prefix), meta)
 
 
+def output_files(prefix: str) -> list[str]:
+    """The files of a preprocessed dataset, meta.json (the mark of a complete dataset) last."""
+    return [prefix + TOKENS_SUFFIX + ".bin", prefix + TOKENS_SUFFIX + ".idx", prefix + ROLES_SUFFIX + ".bin",
+            prefix + ROLES_SUFFIX + ".idx", report_path(prefix), meta_path(prefix)]
+
+
+def publish(staged_prefix: str, prefix: str) -> None:
+    """Move a complete dataset written under `staged_prefix` (same directory) to `prefix`. The files
+    are synced first; an existing dataset at `prefix` loses its meta.json before any file is replaced,
+    and the new meta.json comes last, so that an interruption never leaves a mix that loads."""
+    for path in output_files(staged_prefix):
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    if os.path.exists(meta_path(prefix)):
+        os.remove(meta_path(prefix))
+    for staged, final in zip(output_files(staged_prefix), output_files(prefix)):
+        os.replace(staged, final)
+    directory = os.open(os.path.dirname(os.path.abspath(prefix)), os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def remove_staged(staged_prefix: str) -> None:
+    """Delete whatever an interrupted run wrote under `staged_prefix`."""
+    for path in output_files(staged_prefix):
+        if os.path.exists(path):
+            os.remove(path)
+
+
 def write_json(path: str, obj: dict) -> None:
     tmp = f"{path}.tmp{os.getpid()}"
     with open(tmp, "w") as f:

@@ -30,8 +30,8 @@ from typing import Iterator, Literal, Optional, Sequence
 import numpy as np
 
 from wit_megatron.data.formats import FORMATS, REASONS, ChatRecord, FormatName, PaperRecord, RecordError, parse_record
-from wit_megatron.data.indexed import WITIndexedWriter, report_path, write_json
-from wit_megatron.data.sources import SourceItem, SourceStats, iter_source
+from wit_megatron.data.indexed import WITIndexedWriter, publish, remove_staged, report_path, write_json
+from wit_megatron.data.sources import InputError, SourceItem, SourceStats, iter_source
 from wit_megatron.data.tokenize import (
     BUILTIN_TEMPLATES, TRUNCATION_POLICIES, ChatEncoder, Encoded, PaperEncoder, TruncationPolicy, truncate,
 )
@@ -195,13 +195,16 @@ def _read_template(template: Optional[str]) -> Optional[str]:
     if os.path.isfile(template):
         with open(template, encoding="utf-8") as f:
             return f.read()
-    raise ValueError(f"--chat-template {template!r} is neither a file nor a built-in template ({sorted(BUILTIN_TEMPLATES)})")
+    raise InputError(f"--chat-template {template!r} is neither a file nor a built-in template ({sorted(BUILTIN_TEMPLATES)})")
 
 
 def load_tokenizer(name_or_path: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(name_or_path)
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as e:
+        raise InputError(f"tokenizer {name_or_path!r} cannot be loaded: {e}") from None
 
 
 # Worker-process state: set before the pool forks, or by the spawn initializer.
@@ -246,20 +249,35 @@ def vocab_size(tokenizer) -> int:
 
 
 def run(config: PreprocessConfig, tokenizer=None) -> Report:
-    """Preprocess `config.inputs` into `config.output_prefix`; returns (and writes) the report."""
+    """Preprocess `config.inputs` into `config.output_prefix`; returns (and writes) the report.
+
+    The files are written under a hidden staging prefix in the same directory and moved into place
+    only when complete (`indexed.publish`); a failed or interrupted run removes them."""
+    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)
+    prefix = os.path.abspath(config.output_prefix)
+    staged = os.path.join(os.path.dirname(prefix), f".{os.path.basename(prefix)}.staged-{os.getpid()}")
+    try:
+        report = _write(config, tokenizer, staged)
+        publish(staged, prefix)
+    except BaseException:
+        remove_staged(staged)
+        raise
+    return report
+
+
+def _write(config: PreprocessConfig, tokenizer, prefix: str) -> Report:
     global _ENCODER
     from tqdm import tqdm
 
-    tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)
     encoder = RecordEncoder(config, tokenizer)
     report = Report()
-    writer = WITIndexedWriter(config.output_prefix, vocab_size(tokenizer))
+    writer = WITIndexedWriter(prefix, vocab_size(tokenizer))
     start = time.perf_counter()
     pool, parts = None, None
     if config.workers > 1:
         method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
         _ENCODER = encoder if method == "fork" else None  # forked workers inherit the loaded tokenizer
-        parts = tempfile.mkdtemp(prefix=f".{Path(config.output_prefix).name}.parts-", dir=Path(config.output_prefix).parent)
+        parts = tempfile.mkdtemp(prefix=f"{os.path.basename(prefix)}.parts-", dir=os.path.dirname(prefix))
         # megatron-core's add_index runs gc.collect() per part: over the heap of a process holding
         # transformers and a tokenizer that is ~0.2 s each. Frozen objects are not scanned (and the
         # forked workers share their pages untouched).
@@ -315,7 +333,7 @@ def run(config: PreprocessConfig, tokenizer=None) -> Report:
         "truncation": config.truncation,
         "records": report.records_written,
     })
-    write_json(report_path(config.output_prefix), report.as_dict())
+    write_json(report_path(prefix), report.as_dict())
     return report
 
 
@@ -331,14 +349,18 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=FORMATS, default="auto", help="record format (default: detected per record)")
     p.add_argument("--chat-template", default=None, help=f"Jinja template file or built-in name {sorted(BUILTIN_TEMPLATES)} (default: the tokenizer's)")
     p.add_argument("--no-append-eos", dest="append_eos", action="store_false", help="paper format: do not append EOS to the response")
-    p.add_argument("--max-length", type=int, default=None, help="truncate records to this many tokens (use the training seq length + 1)")
+    p.add_argument("--max-length", type=int, default=None,
+                   help="truncate records to this many tokens (use the training seq length + 1); default: no truncation "
+                   "here (the dataset cuts records longer than its sequence length + 1 at load time, by its own truncation setting)")
     p.add_argument("--truncation", choices=TRUNCATION_POLICIES, default="keep_response",
                    help="keep_response: cut the prompt from the left, keep the response (default); right: the paper's plain right truncation")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--on-error", choices=("raise", "skip"), default="raise", help="skip: count malformed records in the report instead of stopping")
-    p.add_argument("--split", default=None, help="split of a `datasets` input")
-    p.add_argument("--chunk-size", type=int, default=512)
-    p.add_argument("--no-progress", dest="progress", action="store_false")
+    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1); output is identical for any number")
+    p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
+                   help="raise (default): stop at the first malformed record, naming its file and line (exit 1); skip: count "
+                   "it under its reason in the report and go on. An unreadable input, tokenizer or template exits 2")
+    p.add_argument("--split", default=None, help="split of a `datasets` input that has several (default: its only split)")
+    p.add_argument("--chunk-size", type=int, default=512, help="records per work unit and tokenizer batch (default 512)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
     return p
 
 
@@ -347,9 +369,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     config = PreprocessConfig(inputs=args.pop("input"), **args)
     try:
         report = run(config)
-    except PreprocessError as e:
+    except PreprocessError as e:  # a malformed record
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except InputError as e:  # an input, tokenizer or template that cannot be read at all
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     skipped = sum(report.skipped.values())
     print(
         f"wrote {report.records_written} of {report.records_read} records ({report.tokens} tokens, "

@@ -1,13 +1,14 @@
 """Read raw records from input files, each with a location that error messages can name.
 
     *.jsonl (.gz)         read line by line (streaming); location "file:LINE"; a line that is not
-                          JSON becomes a `malformed_json` record error, blank lines are counted
+                          UTF-8 JSON becomes a `malformed_json` record error, blank lines are counted
     *.json                a JSON array of records; location "file[INDEX]"
     *.parquet             through `datasets` (streaming); location "file#row INDEX"
     a saved `datasets` directory (save_to_disk), or a dataset name in the offline Hugging Face cache:
                           through `datasets`; location "name#row INDEX"
 
-Yields `SourceItem`s: either a decoded object or the RecordError that prevented decoding.
+Yields `SourceItem`s: either a decoded object or the RecordError that prevented decoding. An input
+that cannot be read at all raises `InputError` naming it.
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Union
 
 from wit_megatron.data.formats import RecordError
+
+
+class InputError(ValueError):
+    """An input that cannot be read as a whole (missing, unsupported, not a JSON array, corrupt)."""
 
 
 @dataclass
@@ -45,36 +50,47 @@ def iter_source(path: str, split: Optional[str] = None, stats: Optional[SourceSt
     elif os.path.isdir(path):
         yield from _hf_rows(path, _load_saved(path, split))
     elif os.path.exists(path):
-        raise ValueError(f"{path}: unsupported input; expected .jsonl, .jsonl.gz, .json, .parquet or a saved `datasets` directory")
+        raise InputError(f"{path}: unsupported input; expected .jsonl, .jsonl.gz, .json, .parquet or a saved `datasets` directory")
     else:
         yield from _hf_rows(path, _load_named(path, split))
 
 
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
+def _open_binary(path: str):
+    return gzip.open(path, "rb") if path.endswith(".gz") else open(path, "rb")
 
 
 def _jsonl(path: str, stats: SourceStats) -> Iterator[SourceItem]:
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                stats.blank_lines += 1
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                obj = RecordError("malformed_json", f"{e.msg} at column {e.colno}")
-            yield SourceItem(f"{path}:{lineno}", obj)
+    # Bytes, decoded line by line: a line that is not UTF-8 is that record's error, not the file's.
+    with _open_binary(path) as f:
+        lineno = 0
+        try:
+            for lineno, raw in enumerate(f, start=1):
+                if not raw.strip():
+                    stats.blank_lines += 1
+                    continue
+                try:
+                    obj = json.loads(raw.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    obj = RecordError("malformed_json", f"not UTF-8: byte 0x{raw[e.start]:02x} at column {e.start + 1}")
+                except json.JSONDecodeError as e:
+                    obj = RecordError("malformed_json", f"{e.msg} at column {e.colno}")
+                yield SourceItem(f"{path}:{lineno}", obj)
+        except (OSError, EOFError) as e:  # a corrupt or truncated .gz
+            raise InputError(f"{path}: cannot be read after line {lineno}: {e}") from None
 
 
 def _json_array(path: str) -> Iterator[SourceItem]:
-    with _open_text(path) as f:
+    with _open_binary(path) as f:
         try:
-            data = json.load(f)
+            data = json.loads(f.read().decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise InputError(f"{path}: not UTF-8 (byte 0x{e.object[e.start]:02x} at offset {e.start})") from None
         except json.JSONDecodeError as e:
-            raise ValueError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); a .json input must be one JSON array") from None
+            raise InputError(f"{path}:{e.lineno}:{e.colno}: not valid JSON ({e.msg}); a .json input must be one JSON array") from None
+        except (OSError, EOFError) as e:
+            raise InputError(f"{path}: cannot be read: {e}") from None
     if not isinstance(data, list):
-        raise ValueError(f"{path}: a .json input must hold a JSON array of records, found a {type(data).__name__} (use .jsonl for one record per line)")
+        raise InputError(f"{path}: a .json input must hold a JSON array of records, found a {type(data).__name__} (use .jsonl for one record per line)")
     for i, obj in enumerate(data):
         yield SourceItem(f"{path}[{i}]", obj)
 
@@ -93,14 +109,19 @@ def _load_saved(path: str, split: Optional[str]):
 
 
 def _load_named(name: str, split: Optional[str]):
+    """A dataset name, from the local `datasets` cache only: never from the network."""
     import datasets
 
+    offline = datasets.config.HF_HUB_OFFLINE
+    datasets.config.HF_HUB_OFFLINE = True
     try:
         data = datasets.load_dataset(name, split=split, streaming=True)
     except Exception as e:
-        raise FileNotFoundError(
+        raise InputError(
             f"{name!r} is neither a file nor a directory, and `datasets` cannot load it offline: {type(e).__name__}: {e}"
         ) from None
+    finally:
+        datasets.config.HF_HUB_OFFLINE = offline
     return _pick_split(name, data, split)
 
 
@@ -111,10 +132,10 @@ def _pick_split(name: str, data, split: Optional[str]):
         return data
     if split is None:
         if len(data) != 1:
-            raise ValueError(f"{name} has splits {sorted(data)}: choose one with --split")
+            raise InputError(f"{name} has splits {sorted(data)}: choose one with --split")
         split = next(iter(data))
     if split not in data:
-        raise ValueError(f"{name} has no split {split!r}; it has {sorted(data)}")
+        raise InputError(f"{name} has no split {split!r}; it has {sorted(data)}")
     return data[split]
 
 
