@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from tests.test_data_preprocess import authors_reference, humaneval, write_jsonl
+from tests.test_data_preprocess import authors_reference, humaneval, reference_truncation, write_jsonl
 from wit_megatron.data.dataset import WITDataset, WITDatasetConfig, build_datasets
 from wit_megatron.data.preprocess import PreprocessConfig, run
 from wit_megatron.roles import RoleWeights
-from wit_megatron.testing import smollm2
+from wit_megatron.testing import mistral, smollm2
 
 KEYS = ("tokens", "labels", "loss_mask", "loss_weights", "response_mask", "position_ids")
 
@@ -129,28 +129,40 @@ def test_packing_isolates_records_and_reports_padding(humaneval_prefix, tmp_path
     assert len(packed) <= -(-total // seq_length) + 1  # within one bin of the lower bound ceil(total / s)
 
 
-def test_load_time_truncation(humaneval_prefix, tmp_path):
-    """Records longer than seq_length + 1 are cut like preprocessing cuts them (keep the response)."""
-    prefix, reference = humaneval_prefix
+@pytest.mark.parametrize("name", ["smollm2", "mistral"])
+def test_load_time_truncation(humaneval_prefix, tmp_path, name):
+    """Records longer than seq_length + 1 are cut like preprocessing cuts them (tests.test_data_preprocess.
+    reference_truncation: a BOS the tokenizer added, Mistral's, stays in front of a left cut; SmolLM2 adds
+    none, so its cut is plain); under `right`, records left without a response target are dropped and
+    counted, as preprocessing skips them."""
+    keeps_bos = name == "mistral"
+    if keeps_bos:
+        records, tokenizer = humaneval(), mistral.load_tokenizer()
+        prefix = str(tmp_path / "he")
+        run(PreprocessConfig([write_jsonl(tmp_path / "he.jsonl", records)], prefix, str(mistral.tokenizer_dir()), progress=False))
+        reference = [authors_reference(tokenizer, r) for r in records]
+    else:
+        prefix, reference = humaneval_prefix
     seq_length = 127
-    (train, _, _) = build_datasets(config(prefix, tmp_path, seq_length=seq_length, packing=False), [None, None, None])
-    expected = []
-    for ids, b in reference:
-        roles = [0] * b + [1] * (len(ids) - b)
-        if len(ids) > seq_length + 1:
-            if len(ids) - b <= seq_length:
-                keep = [0] + list(range(len(ids) - seq_length, len(ids)))
-            else:
-                keep = [0] + list(range(b, b + seq_length))
-            ids, roles = [ids[k] for k in keep], [roles[k] for k in keep]
-        expected.append((ids[:-1], ids[1:], roles[1:]))
-    got = []
-    for i in range(len(train)):
-        s = train[i]
-        n = int(s["loss_mask"].sum())
-        got.append((s["tokens"][:n].tolist(), s["labels"][:n].tolist(), s["response_mask"][:n].long().tolist()))
-    assert sorted(got) == sorted(expected)
-    assert train.stats["records_truncated"] == sum(len(ids) > seq_length + 1 for ids, _ in reference) > 100
+    for policy in ("keep_response", "right"):
+        (train, _, _) = build_datasets(config(prefix, tmp_path / policy, seq_length=seq_length, packing=False, truncation=policy),
+                                       [None, None, None])
+        expected, dropped = [], 0
+        for ids, b in reference:
+            ids, roles = reference_truncation(ids, [0] * b + [1] * (len(ids) - b), seq_length + 1, policy, keeps_bos)
+            if 1 not in roles[1:]:
+                dropped += 1
+                continue
+            expected.append((ids[:-1], ids[1:], roles[1:]))
+        got = []
+        for i in range(len(train)):
+            s = train[i]
+            n = int(s["loss_mask"].sum())
+            got.append((s["tokens"][:n].tolist(), s["labels"][:n].tolist(), s["response_mask"][:n].long().tolist()))
+        assert sorted(got) == sorted(expected), policy
+        assert train.stats["records_truncated"] == sum(len(ids) > seq_length + 1 for ids, _ in reference) > 100
+        assert train.stats["records_dropped_no_response"] == dropped
+        assert (dropped > 10) == (policy == "right"), dropped
 
 
 def test_deterministic_order_and_resumption(humaneval_prefix, tmp_path):

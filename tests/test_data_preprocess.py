@@ -129,27 +129,41 @@ def test_every_input_kind_and_worker_count_writes_the_same_bytes(tmp_path):
             assert Path(prefix + suffix).read_bytes() == data, (kind, suffix)
 
 
+def reference_truncation(ids: list, roles: list, max_length: int, policy: str, keeps_bos: bool) -> tuple[list, list]:
+    """The documented rule written out: right = ids[:max_length]; keep_response = cut the prompt's head
+    (after a BOS the tokenizer added, which stays in front); if the response alone is longer, keep it
+    from its first token and cut its end."""
+    if len(ids) <= max_length:
+        return ids, roles
+    if policy == "right":
+        return ids[:max_length], roles[:max_length]
+    first = roles.index(1) if 1 in roles else len(roles)
+    head = [0] if keeps_bos else []
+    room = max_length - len(head)
+    start = max(len(head), min(len(ids) - room, first - (0 if keeps_bos else 1)))  # the response's first token a target
+    keep = head + list(range(start, start + room))
+    return [ids[k] for k in keep], [roles[k] for k in keep]
+
+
 @pytest.mark.parametrize("policy", ["keep_response", "right"])
-def test_truncation_policies(tmp_path, policy):
-    tokenizer = smollm2.load_tokenizer()
+@pytest.mark.parametrize("name", sorted(TOKENIZERS))
+def test_truncation_policies(tmp_path, policy, name):
+    module = TOKENIZERS[name]
+    tokenizer = module.load_tokenizer()
+    keeps_bos = name == "mistral"  # SentencePiece adds <s>; SmolLM2 adds nothing (its bos_token is <|im_start|>)
+    assert (tokenizer("a").input_ids[0] == tokenizer.bos_token_id) == keeps_bos
     records = humaneval()
     max_length = 96
     prefix = str(tmp_path / policy)
-    report = run(PreprocessConfig([write_jsonl(tmp_path / "he.jsonl", records)], prefix, str(smollm2.tokenizer_dir()),
+    report = run(PreprocessConfig([write_jsonl(tmp_path / "he.jsonl", records)], prefix, str(module.tokenizer_dir()),
                                   max_length=max_length, truncation=policy, on_error="skip", progress=False))
     tokens, roles = read_back(prefix)
     expected, truncated, dropped = [], 0, 0
     for record in records:
         ids, b = authors_reference(tokenizer, record)
         r = [0] * b + [1] * (len(ids) - b)
-        if len(ids) > max_length:
-            truncated += 1
-            if policy == "right":
-                ids, r = ids[:max_length], r[:max_length]
-            elif len(ids) - b <= max_length - 1:  # the whole response fits after token 0: keep the prompt's tail
-                ids, r = ids[:1] + ids[len(ids) - max_length + 1 :], r[:1] + r[len(r) - max_length + 1 :]
-            else:  # token 0, then the response from its start
-                ids, r = ids[:1] + ids[b : b + max_length - 1], r[:1] + r[b : b + max_length - 1]
+        truncated += len(ids) > max_length
+        ids, r = reference_truncation(ids, r, max_length, policy, keeps_bos)
         if 1 not in r:
             dropped += 1
             continue
@@ -161,3 +175,4 @@ def test_truncation_policies(tmp_path, policy):
         assert dropped > 10  # long prompts lose their whole response under plain right truncation
     else:
         assert dropped == 0
+        assert all(t[0] == tokenizer.bos_token_id for t in tokens) == keeps_bos

@@ -19,7 +19,8 @@ Packing (default) puts several records in one sequence, best-fit decreasing per 
 isolated per record from `document_ids` (batch.packed_attention_mask / packed_seq_params), so each
 token's loss equals its loss unpacked. Without packing a sample is one record and causal attention
 needs no mask. Records longer than s + 1 tokens are cut at load time by `truncation`
-(tokenize.truncation_window, the same rule as preprocessing).
+(tokenize.truncation_window, the same rule as preprocessing: a leading BOS is kept, and a record left
+without a response target is dropped and counted in `stats["records_dropped_no_response"]`).
 
 Sample order is a pure function of (seed, split, sequence_length, packing, truncation, num_samples):
 the same on every run, and sample i is the same whether or not training resumed before it.
@@ -102,10 +103,15 @@ class WITDataset(MegatronDataset):
         index = self._load_or_build_index()
         self.sample_offsets = index["sample_offsets"]  # [num_samples + 1] into sample_records
         self.sample_records = index["sample_records"]  # record ids, sample after sample
-        self.window_start = index["window_start"]  # [len(data)] a: a record keeps token 0 and [a, b)
-        self.window_end = index["window_end"]  # [len(data)] b
+        # Per record of the low-level dataset, after load-time truncation (flat indices into data.tokens):
+        self.record_target = index["record_target"]  # [len(data)] its first kept target
+        self.record_input = index["record_input"]  # [len(data)] the input before that target (token 0 or the cut's)
+        self.record_size = index["record_size"]  # [len(data)] targets kept (positions filled); 0 = dropped
         self.stats = self._stats()
         logger.info("%s %s: %s", type(self).__name__, index_split.name, self.stats)
+        if self.stats["records_dropped_no_response"]:
+            logger.warning("%s: %d records longer than %d tokens keep no response target under truncation %r and are left out",
+                           self.dataset_path, self.stats["records_dropped_no_response"], self.seq_length + 1, self.config.truncation)
 
     @staticmethod
     def numel_low_level_dataset(low_level_dataset: WITIndexedData) -> int:
@@ -133,20 +139,18 @@ class WITDataset(MegatronDataset):
         document_ids = np.empty(s, dtype=np.int64)
         if idx is not None:
             records = self.sample_records[self.sample_offsets[idx] : self.sample_offsets[idx + 1]]
-            first = self.data.starts.take(records)  # flat offset of each record's token 0
-            start = self.window_start.take(records)
-            n = self.window_end.take(records) - start  # positions each record fills
+            n = self.record_size.take(records)  # positions each record fills
             end = n.cumsum()
             begin = end - n
             total = int(end[-1])
-            # Target t of a record sits at flat index first + a + t. Its input is the kept token
-            # before it: the previous target, except at t = 0, where it is the record's token 0.
-            target = (first + start - begin).repeat(n)
+            # Target t of a record sits at flat index record_target + t. Its input is the kept token
+            # before it: the previous target, except at t = 0, where it is the record's record_input.
+            target = (self.record_target.take(records) - begin).repeat(n)
             target += self._positions[:total]
             labels[:total] = self.data.tokens.take(target)
             self.data.roles.take(target, out=roles[:total])
             tokens[1:total] = labels[: total - 1]
-            tokens[begin] = self.data.tokens.take(first)
+            tokens[begin] = self.data.tokens.take(self.record_input.take(records))
             np.subtract(self._positions[:total], begin.repeat(n), out=position_ids[:total])
             document_ids[:total] = self._positions[: len(n)].repeat(n)
         tokens[total:] = self.config.pad_token_id
@@ -169,38 +173,46 @@ class WITDataset(MegatronDataset):
 
     # ---- the sample index ----------------------------------------------------------------
 
-    def _windows(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per record (all of the low-level dataset): the kept window [a, b) after load-time truncation."""
-        lengths = self.data.lengths
+    def _windows(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Per record (all of the low-level dataset): flat index of its first kept target and of the
+        input before it, and the number of targets kept (0: dropped, no response target left)."""
+        lengths, starts = self.data.lengths, self.data.starts
+        lead = np.zeros(len(lengths), dtype=np.int64)
         start = np.ones(len(lengths), dtype=np.int64)
         end = lengths.copy()
+        bos = self.data.meta["added_bos_token_id"]
         for record in np.flatnonzero(lengths[self.indices] > self.seq_length + 1):
             record = self.indices[record]
-            _, roles = self.data.get(record)
-            start[record], end[record] = truncation_window(np.asarray(roles), self.seq_length + 1, self.config.truncation)
-        return start, end
+            ids, roles = self.data.get(record)
+            roles = np.asarray(roles)
+            keep_first = bos is not None and int(ids[0]) == bos
+            lead[record], start[record], end[record] = truncation_window(roles, self.seq_length + 1, self.config.truncation, keep_first)
+            if not (roles[start[record] : end[record]] == _RESPONSE).any():  # as preprocessing: never a record without response
+                end[record] = start[record]
+        return starts + start, starts + lead, end - start
 
     def _build_index(self) -> dict[str, np.ndarray]:
-        window_start, window_end = self._windows()
-        sizes = window_end - window_start  # positions each record fills
-        if np.any(sizes[self.indices] < 1):
-            bad = self.indices[np.flatnonzero(sizes[self.indices] < 1)[0]]
+        if np.any(self.data.lengths[self.indices] < 2):
+            bad = self.indices[np.flatnonzero(self.data.lengths[self.indices] < 2)[0]]
             raise ValueError(f"{self.dataset_path}: record {bad} has fewer than 2 tokens")
+        record_target, record_input, sizes = self._windows()
+        kept = self.indices[sizes[self.indices] > 0]
         rng = np.random.RandomState(self.config.random_seed)
         samples: list[np.ndarray] = []
         while True:  # one epoch per pass: every record once, in a fresh order
-            order = self.indices[rng.permutation(len(self.indices))]
+            order = kept[rng.permutation(len(kept))]
             if self.config.packing:
                 bins = _best_fit_decreasing(order, sizes, self.seq_length)
                 samples.extend(bins[i] for i in rng.permutation(len(bins)))
             else:
                 samples.extend(order[:, None])
-            if self.num_samples is None or len(samples) >= self.num_samples or not len(self.indices):
+            if self.num_samples is None or len(samples) >= self.num_samples or not len(kept):
                 break
         offsets = np.zeros(len(samples) + 1, dtype=np.int64)
         np.cumsum([len(x) for x in samples], out=offsets[1:])
         records = np.concatenate(samples).astype(np.int32) if samples else np.zeros(0, dtype=np.int32)
-        return {"sample_offsets": offsets, "sample_records": records, "window_start": window_start, "window_end": window_end}
+        return {"sample_offsets": offsets, "sample_records": records, "record_target": record_target,
+                "record_input": record_input, "record_size": sizes}
 
     def _cache_dir(self) -> str:
         for directory in (self.config.index_cache_dir, self.config.path_to_cache):
@@ -213,7 +225,7 @@ class WITDataset(MegatronDataset):
         the others read after the builder's barrier. A rank that finds no cache builds the same index
         itself (it is deterministic) rather than fail."""
         base = os.path.join(self._cache_dir(), f"{self.unique_description_hash}-{type(self).__name__}-{self.index_split.name}")
-        names = ("sample_offsets", "sample_records", "window_start", "window_end")
+        names = ("sample_offsets", "sample_records", "record_target", "record_input", "record_size")
         paths = {name: f"{base}-{name}.npy" for name in names}
         if all(os.path.isfile(p) for p in paths.values()) and os.path.isfile(f"{base}-description.txt"):
             # Plain ndarray views of the maps: indexing a np.memmap costs ~2 us a call, a third of a sample.
@@ -230,7 +242,7 @@ class WITDataset(MegatronDataset):
         return index
 
     def _stats(self) -> dict:
-        sizes = (np.asarray(self.window_end) - np.asarray(self.window_start))[self.sample_records]
+        sizes = np.asarray(self.record_size)[self.sample_records]
         lengths = self.data.lengths[self.indices]
         total = max(1, len(self) * self.seq_length)
         return {
@@ -239,6 +251,7 @@ class WITDataset(MegatronDataset):
             "records_per_sample": round(len(self.sample_records) / max(1, len(self)), 3),
             "padding_fraction": round(1.0 - float(sizes.sum()) / total, 6),
             "records_truncated": int((lengths > self.seq_length + 1).sum()),
+            "records_dropped_no_response": int((np.asarray(self.record_size)[self.indices] == 0).sum()),
         }
 
 

@@ -22,7 +22,7 @@ import torch
 
 from wit_megatron.roles import Role
 
-META_VERSION = 1
+META_VERSION = 2  # 2: added_bos_token_id (load-time truncation keeps only a BOS the tokenizer added)
 TOKENS_SUFFIX = "_tokens"
 ROLES_SUFFIX = "_roles"
 
@@ -139,6 +139,9 @@ class WITIndexedData:
             raise FileNotFoundError(f"{meta_path(prefix)} not found: is {prefix!r} the output prefix of tools/preprocess_wit_data.py?")
         with open(meta_path(prefix)) as f:
             self.meta = json.load(f)
+        if self.meta.get("version") != META_VERSION:
+            raise ValueError(f"{meta_path(prefix)}: written by another wit-megatron version (meta version "
+                             f"{self.meta.get('version')}, this one reads {META_VERSION}); preprocess again")
         if self.meta.get("role_codes") != role_codes():
             raise ValueError(f"{prefix}: role codes {self.meta.get('role_codes')} differ from this version's {role_codes()}; preprocess again")
         self.token_data = IndexedDataset(prefix + TOKENS_SUFFIX, mmap=mmap)

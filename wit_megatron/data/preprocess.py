@@ -33,7 +33,7 @@ from wit_megatron.data.formats import FORMATS, REASONS, ChatRecord, FormatName, 
 from wit_megatron.data.indexed import WITIndexedWriter, publish, remove_staged, report_path, write_json
 from wit_megatron.data.sources import InputError, SourceItem, SourceStats, iter_source
 from wit_megatron.data.tokenize import (
-    BUILTIN_TEMPLATES, TRUNCATION_POLICIES, ChatEncoder, Encoded, PaperEncoder, TruncationPolicy, truncate,
+    BUILTIN_TEMPLATES, TRUNCATION_POLICIES, ChatEncoder, Encoded, PaperEncoder, TruncationPolicy, added_bos_token_id, truncate,
 )
 from wit_megatron.roles import Role
 
@@ -139,6 +139,7 @@ class RecordEncoder:
         self.config = config
         self.paper = PaperEncoder(tokenizer, append_eos=config.append_eos)
         self.tokenizer = tokenizer
+        self.added_bos = added_bos_token_id(tokenizer)
         self._chat: Optional[ChatEncoder] = None
 
     def chat(self) -> ChatEncoder:
@@ -173,7 +174,7 @@ class RecordEncoder:
         if len(encoded) < 2:
             outcome.error = RecordError("too_short", f"{len(encoded)} token(s)")
             return
-        encoded, outcome.truncated = truncate(encoded, self.config.max_length, self.config.truncation)
+        encoded, outcome.truncated = truncate(encoded, self.config.max_length, self.config.truncation, self.added_bos)
         if not (encoded.roles == Role.RESPONSE).any():
             outcome.error = RecordError(
                 "no_response_tokens", f"truncation to {self.config.max_length} tokens ({self.config.truncation}) left no response token"
@@ -326,6 +327,7 @@ def _write(config: PreprocessConfig, tokenizer, prefix: str) -> Report:
     writer.finalize({
         "tokenizer": config.tokenizer,
         "bos_token_id": tokenizer.bos_token_id,
+        "added_bos_token_id": encoder.added_bos,  # kept in front of a left cut, here and at load time
         "eos_token_id": tokenizer.eos_token_id,
         "pad_token_id": tokenizer.pad_token_id,
         "append_eos": config.append_eos,

@@ -21,7 +21,8 @@ i.e. the rendered text tokenized without added special tokens. Roles come from c
        (template scaffolding: headers, BOS, turn markers of other roles) is PROMPT.
 
 Truncation (`truncation_window`) is shared with the dataset, which applies it again at load time to
-records longer than its sequence.
+records longer than its sequence (a leading BOS survives a left cut; any other first token is cut
+with the rest of the prompt's head).
 """
 
 from __future__ import annotations
@@ -248,37 +249,51 @@ class ChatEncoder:
         return Encoded(ids, roles)
 
 
-def truncation_window(roles: np.ndarray, max_length: int, policy: TruncationPolicy = "keep_response") -> tuple[int, int]:
-    """Which tokens of a record to keep in at most `max_length` tokens: token 0 and tokens [a, b).
+def truncation_window(roles: np.ndarray, max_length: int, policy: TruncationPolicy = "keep_response",
+                      keep_first: bool = True) -> tuple[int, int, int]:
+    """Which tokens of a record to keep in at most `max_length` tokens: (lead, a, b), keeping token
+    `lead` and tokens [a, b). Token `lead` is only an input (the context of the first kept target).
 
-    Token 0 (BOS where the tokenizer adds one) is always kept, so a kept record is ids[:1] + ids[a:b];
-    an untruncated record has a = 1, b = len(roles).
-      right:          the paper's plain right truncation: a = 1, b = max_length.
-      keep_response:  drop prompt tokens from the left (after token 0) until the record fits; if the
-                      tokens from the first response token on do not fit either, keep from the first
-                      response token and cut the end. A record with a response token keeps at least one.
+    `keep_first` (the record starts with the tokenizer's BOS): lead = 0, so BOS stays in front of a
+    left-cut record; otherwise lead = a - 1 and the cut is a plain left cut, ids[a - 1 : b]. An
+    untruncated record has lead = 0, a = 1, b = len(roles).
+      right:          the paper's plain right truncation ids[:max_length]: lead = 0, a = 1, b = max_length.
+      keep_response:  drop prompt tokens from the left until the record fits; if the tokens from the
+                      first response token on do not fit either, keep from the first response token
+                      and cut the end. A record with a response token keeps at least one.
     """
     n = len(roles)
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2 (one input and one target), got {max_length}")
     if n <= max_length:
-        return 1, n
+        return 0, 1, n
     if policy == "right":
-        return 1, max_length
+        return 0, 1, max_length
     if policy != "keep_response":
         raise ValueError(f"unknown truncation policy {policy!r}; choose one of {TRUNCATION_POLICIES}")
     response = np.flatnonzero(roles == Role.RESPONSE)
     first = int(response[0]) if len(response) else n
     a = max(1, min(n - (max_length - 1), first))
-    return a, a + max_length - 1
+    return (0 if keep_first else a - 1), a, a + max_length - 1
 
 
-def truncate(encoded: Encoded, max_length: Optional[int], policy: TruncationPolicy) -> tuple[Encoded, bool]:
-    """(the record cut to `max_length` tokens by `policy`, whether it was cut)."""
+def added_bos_token_id(tokenizer) -> Optional[int]:
+    """The tokenizer's BOS id if its plain call puts BOS in front of the text (Llama, Mistral), else
+    None (SmolLM2, Qwen: their `bos_token` is a chat marker that a left cut must not keep)."""
+    bos = tokenizer.bos_token_id
+    ids = tokenizer("a")["input_ids"]
+    return bos if bos is not None and ids and ids[0] == bos else None
+
+
+def truncate(encoded: Encoded, max_length: Optional[int], policy: TruncationPolicy,
+             added_bos: Optional[int]) -> tuple[Encoded, bool]:
+    """(the record cut to `max_length` tokens by `policy`, whether it was cut). A leading
+    `added_bos` (added_bos_token_id) is kept in front of a left cut (see truncation_window)."""
     if max_length is None or len(encoded) <= max_length:
         return encoded, False
-    a, b = truncation_window(encoded.roles, max_length, policy)
-    keep = np.r_[0, a:b]
+    keep_first = added_bos is not None and int(encoded.ids[0]) == added_bos
+    lead, a, b = truncation_window(encoded.roles, max_length, policy, keep_first)
+    keep = np.r_[lead, a:b]
     return Encoded(encoded.ids[keep], encoded.roles[keep]), True
 
 
