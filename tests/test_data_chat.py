@@ -165,3 +165,60 @@ def test_mistral_ids_equal_mistral_common():
     for messages in (SYSTEM_TWO_TURNS[1:], ONE_TURN):
         expected = reference.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
         assert encoder.encode(parse_record({"messages": messages})).ids.tolist() == expected
+
+
+# Qwen2.5's way of rendering tool calls and tool results (its template, minus the tools preamble).
+TOOL_CALL_TEMPLATE = (
+    "{%- for message in messages %}{%- if message.role == 'assistant' %}{{- '<|im_start|>' + message.role }}"
+    "{%- if message.content %}{{- '\\n' + message.content }}{%- endif %}"
+    "{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\\n<tool_call>\\n{\\\"name\\\": \\\"' }}{{- tool_call.name }}{{- '\\\", \\\"arguments\\\": ' }}"
+    "{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}{%- endfor %}{{- '<|im_end|>\\n' }}"
+    "{%- elif message.role == 'tool' %}{{- '<|im_start|>user\\n<tool_response>\\n' + message.content + '\\n</tool_response><|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+)
+TOOL_CALLS = [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {"role": "assistant", "content": None,
+     "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+    {"role": "tool", "content": "-3", "tool_call_id": "call_1"},
+    {"role": "assistant", "content": "Let me add the wind.",
+     "tool_calls": [{"type": "function", "function": {"name": "get_wind", "arguments": {"city": "Oslo"}}}]},
+    {"role": "tool", "content": "5 m/s", "tool_call_id": "call_2"},
+    {"role": "assistant", "content": "It is -3 C with 5 m/s wind."},
+]
+
+
+def test_tool_calls_are_response_and_messages_reach_the_template_whole(tmp_path):
+    """An assistant's tool calls (null content, or after text) are labelled response like its text;
+    every message key (tool_calls, tool_call_id, name) and the role's spelling reach the template, so
+    ids equal apply_chat_template on the record's own messages."""
+    tokenizer = smollm2.load_tokenizer()
+    named = [{"role": "User", "content": "Hi.", "name": "ada"}, {"role": "assistant", "content": "Hello, Ada."}]
+    name_template = ("{%- for m in messages %}{{- '<|im_start|>' + m['role'] }}{%- if m.name is defined %}{{- ' (' + m.name + ')' }}"
+                     "{%- endif %}{{- '\\n' + m['content'] + '<|im_end|>\\n' }}{%- endfor %}")
+    for messages, template, expected in (
+        (TOOL_CALLS, TOOL_CALL_TEMPLATE, [
+            (P, "<|im_start|>user\n"), (U, "Weather in Oslo?"), (P, "<|im_end|>\n<|im_start|>assistant\n"),
+            (R, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>'),
+            (P, "\n<|im_start|>user\n<tool_response>\n"), (T, "-3"), (P, "\n</tool_response><|im_end|>\n<|im_start|>assistant\n"),
+            (R, 'Let me add the wind.\n<tool_call>\n{"name": "get_wind", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>'),
+            (P, "\n<|im_start|>user\n<tool_response>\n"), (T, "5 m/s"), (P, "\n</tool_response><|im_end|>\n<|im_start|>assistant\n"),
+            (R, "It is -3 C with 5 m/s wind.<|im_end|>"), (P, "\n")]),
+        (named, name_template, [
+            (P, "<|im_start|>User (ada)\n"), (U, "Hi."), (P, "<|im_end|>\n<|im_start|>assistant\n"), (R, "Hello, Ada.<|im_end|>"),
+            (P, "\n")]),
+    ):
+        (written, report) = preprocess(tmp_path, tokenizer, template, [{"messages": messages}])
+        ((ids, roles),) = written
+        assert ids == tokenizer.apply_chat_template(messages, chat_template=template, tokenize=True, return_dict=False)
+        assert runs(tokenizer, ids, roles) == expected
+
+
+def test_sharegpt_function_call_is_the_assistants():
+    from wit_megatron.data.formats import parse_record
+
+    record = parse_record({"conversations": [{"from": "human", "value": "Oslo?"}, {"from": "function_call", "value": '{"name": "w"}'},
+                                             {"from": "observation", "value": "-3"}, {"from": "gpt", "value": "-3 C."}]})
+    assert [m.role for m in record.messages] == ["user", "assistant", "tool", "assistant"]
+    assert record.as_dicts()[1] == {"role": "assistant", "content": '{"name": "w"}'}

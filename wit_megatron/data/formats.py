@@ -4,8 +4,12 @@
     chat      {"messages": [{"role": ..., "content": str}, ...]}     roles system/user/assistant/tool
     sharegpt  {"conversations": [{"from": ..., "value": str}, ...]}  mapped onto chat
 
+Chat messages reach the chat template exactly as given, every key included (`name`, `tool_call_id`,
+`tool_calls`, ...), so ids equal `apply_chat_template(messages)`; the role is matched case-insensitively
+only to label tokens. An assistant message with `tool_calls` may have null or no content.
+
 Every record either parses or raises `RecordError` with a `reason` (the key it is counted under in the
-preprocessing report, see REASONS) and a message saying what is wrong. Extra keys are ignored.
+preprocessing report, see REASONS) and a message saying what is wrong. Extra record keys are ignored.
 Empty response text is an error (there would be nothing to learn); empty prompt-side text is kept,
 as the authors' code keeps an empty prompt.
 """
@@ -13,7 +17,7 @@ as the authors' code keeps an empty prompt.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, Union
+from typing import Any, Literal, Optional, Union
 
 FormatName = Literal["auto", "paper", "chat", "sharegpt"]
 FORMATS = ("auto", "paper", "chat", "sharegpt")
@@ -47,6 +51,7 @@ SHAREGPT_ROLES = {
     "model": "assistant",
     "system": "system",
     "tool": "tool",
+    "function_call": "assistant",  # the assistant's call, as text
     "function_response": "tool",
     "observation": "tool",
 }
@@ -73,16 +78,22 @@ class PaperRecord:
 
 @dataclass(frozen=True)
 class Message:
-    role: str  # one of CHAT_ROLES
-    content: str
+    role: str  # one of CHAT_ROLES: what the message's tokens are labelled
+    content: Optional[str]  # None only for an assistant message with tool_calls
+    template_input: dict  # the message as the chat template receives it
+
+    @property
+    def has_tool_calls(self) -> bool:
+        return bool(self.template_input.get("tool_calls"))
 
 
 @dataclass(frozen=True)
 class ChatRecord:
     messages: tuple[Message, ...]
 
-    def as_dicts(self) -> list[dict[str, str]]:
-        return [{"role": m.role, "content": m.content} for m in self.messages]
+    def as_dicts(self) -> list[dict]:
+        """The messages as `apply_chat_template` receives them."""
+        return [dict(m.template_input) for m in self.messages]
 
 
 Record = Union[PaperRecord, ChatRecord]
@@ -146,10 +157,17 @@ def _parse_messages(obj: dict, list_key: str, role_key: str, text_key: str, role
         role = role_map.get(name.lower())
         if role is None:
             raise RecordError("unknown_role", f"{where} has {role_key} {name!r}; known: {sorted(role_map)}")
-        content = _text(item, text_key, where)
-        if role == "assistant" and not content.strip():
-            raise RecordError("empty_response", f"{where} is an assistant message with empty content")
-        messages.append(Message(role, content))
+        tool_calls = item.get("tool_calls") if list_key == "messages" else None
+        if tool_calls is not None and (role != "assistant" or not isinstance(tool_calls, list)):
+            raise RecordError("bad_structure", f"{where}'s 'tool_calls' must be a list on an assistant message")
+        if tool_calls and item.get(text_key) is None:
+            content = None  # a pure tool call: its rendering is the response
+        else:
+            content = _text(item, text_key, where)
+            if role == "assistant" and not content.strip() and not tool_calls:
+                raise RecordError("empty_response", f"{where} is an assistant message with empty content")
+        template_input = item if list_key == "messages" else {"role": role, "content": content}
+        messages.append(Message(role, content, template_input))
     if not any(m.role == "assistant" for m in messages):
         raise RecordError("no_response", f"'{list_key}' has no assistant message ({len(messages)} messages)")
     return ChatRecord(tuple(messages))

@@ -17,6 +17,8 @@ i.e. the rendered text tokenized without added special tokens. Roles come from c
        (checked: the text before it and the content itself must match the real rendering);
     2. a token whose characters overlap an assistant content span is RESPONSE, and so is the first token
        after that span when it is a special token (the assistant's end-of-turn: <|im_end|>, <|eot_id|>, </s>);
+       an assistant's `tool_calls` are located by rendering once more without them (`tool_call_span`),
+       and its span runs from its content's start to its calls' end;
     3. a token overlapping a system/user/tool content span gets SYSTEM/USER/TOOL; everything else
        (template scaffolding: headers, BOS, turn markers of other roles) is PROMPT.
 
@@ -206,17 +208,21 @@ class ChatEncoder:
         except Exception as e:  # jinja raise_exception(), undefined variables, ...
             raise RecordError("template_error", f"{type(e).__name__}: {e}") from None
 
-    def content_spans(self, record: ChatRecord, text: str) -> list[tuple[int, int]]:
-        """[start, end) of each message's content in `text`, the rendered conversation."""
+    def content_spans(self, record: ChatRecord, text: str) -> list[Optional[tuple[int, int]]]:
+        """[start, end) of each message's content in `text`, the rendered conversation (None for the
+        null content of a tool-call message)."""
         messages = record.as_dicts()
-        spans = []
+        spans: list[Optional[tuple[int, int]]] = []
         for k, message in enumerate(messages):
+            content = record.messages[k].content
+            if content is None:
+                spans.append(None)
+                continue
             marker = self._MARKER.format(k)
             probe = self.render(messages[:k] + [dict(message, content=marker)] + messages[k + 1 :])
             start = probe.find(marker)
             if start < 0 or probe[:start] != text[:start]:
                 raise RecordError("unlocatable_content", f"message {k} ({message['role']}): the template does not render its content verbatim")
-            content = message["content"]
             for candidate in (content, content.strip()):
                 if text.startswith(candidate, start):
                     spans.append((start, start + len(candidate)))
@@ -224,6 +230,29 @@ class ChatEncoder:
             else:
                 raise RecordError("unlocatable_content", f"message {k} ({message['role']}): content not found where the template puts it")
         return spans
+
+    def tool_call_span(self, record: ChatRecord, k: int, text: str) -> Optional[tuple[int, int]]:
+        """[start, end) of what message k's `tool_calls` add to `text`: the text that differs from a
+        rendering without them (common prefix and suffix removed, then surrounding whitespace). None if
+        the template ignores them."""
+        messages = record.as_dicts()
+        without = {key: value for key, value in messages[k].items() if key != "tool_calls"}
+        if without.get("content") is None:
+            without["content"] = ""
+        probe = self.render(messages[:k] + [without] + messages[k + 1 :])
+        prefix = 0
+        limit = min(len(text), len(probe))
+        while prefix < limit and text[prefix] == probe[prefix]:
+            prefix += 1
+        suffix = 0
+        while suffix < limit - prefix and text[-1 - suffix] == probe[-1 - suffix]:
+            suffix += 1
+        end = len(text) - suffix
+        while prefix < end and text[prefix].isspace():  # surrounding whitespace is scaffolding, as for content
+            prefix += 1
+        while end > prefix and text[end - 1].isspace():
+            end -= 1
+        return (prefix, end) if end > prefix else None
 
     def encode(self, record: ChatRecord) -> Encoded:
         text = self.render(record.as_dicts())
@@ -236,10 +265,17 @@ class ChatEncoder:
         # Finer prompt roles first, so that RESPONSE wins on a token that overlaps both.
         order = sorted(range(len(spans)), key=lambda k: record.messages[k].role == "assistant")
         for k in order:
-            lo, hi = spans[k]
-            role = _CHAT_ROLE_CODES[record.messages[k].role]
-            overlap = (starts < hi) & (ends > lo)
-            roles[overlap] = role
+            message = record.messages[k]
+            role = _CHAT_ROLE_CODES[message.role]
+            parts = [spans[k]]
+            if message.has_tool_calls:
+                parts.append(self.tool_call_span(record, k, text))
+            parts = [p for p in parts if p is not None]
+            if not parts:
+                continue
+            # One span from the content's start to the tool calls' end: the assistant writes what lies between.
+            lo, hi = min(p[0] for p in parts), max(p[1] for p in parts)
+            roles[(starts < hi) & (ends > lo)] = role
             if role == Role.RESPONSE:
                 after = np.nonzero(starts >= hi)[0]
                 if len(after) and int(ids[after[0]]) in self.special_ids:
