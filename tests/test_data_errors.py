@@ -39,6 +39,8 @@ CASES = [
     ("messages not a list", json.dumps({"messages": "hello"}), "bad_structure", "'messages' must be a non-empty list, got a str", {}),
     ("empty messages", json.dumps({"messages": []}), "bad_structure", "got an empty list", {}),
     ("message not an object", json.dumps({"conversations": ["hi"]}), "bad_structure", "conversations[0] is a str", {}),
+    ("tool_calls not a list", json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": "f()"}]}),
+     "bad_structure", "messages[1]'s 'tool_calls' must be a list on an assistant message", {}),
     ("template raises", json.dumps({"messages": [{"role": "assistant", "content": "a"}]}), "template_error", "roles must alternate",
      {"chat_template": "mistral"}),
     ("template rewrites content", json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),

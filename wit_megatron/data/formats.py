@@ -29,7 +29,7 @@ REASONS = {
     "unknown_format": "the record has none of the keys prompt+response, messages, conversations",
     "missing_field": "a required key is absent or null",
     "not_a_string": "a text field (or a role) is not a string",
-    "bad_structure": "messages/conversations is not a non-empty list of objects",
+    "bad_structure": "messages/conversations is not a non-empty list of objects, or tool_calls is malformed",
     "unknown_role": "a message role that is not system, user, assistant or tool (or a ShareGPT alias)",
     "empty_response": "the response text (or an assistant message) is empty or whitespace only",
     "no_response": "a conversation without any assistant message",
