@@ -222,3 +222,21 @@ def test_sharegpt_function_call_is_the_assistants():
                                              {"from": "observation", "value": "-3"}, {"from": "gpt", "value": "-3 C."}]})
     assert [m.role for m in record.messages] == ["user", "assistant", "tool", "assistant"]
     assert record.as_dicts()[1] == {"role": "assistant", "content": '{"name": "w"}'}
+
+
+@pytest.mark.parametrize("name,case", [("chatml", "chatml-smollm2"), ("llama3", "llama3"), ("mistral", "mistral")])
+def test_builtin_templates(tmp_path, name, case):
+    """--chat-template NAME: the built-in templates give apply_chat_template's ids and the same labels as
+    the real templates above (on a conversation with a system prompt, where ChatML adds no default one)."""
+    from wit_megatron.data.tokenize import BUILTIN_TEMPLATES
+
+    load, _, conversations, expected_runs = CASES[case]
+    tokenizer = load()
+    data = tmp_path / "chat.jsonl"
+    data.write_text(json.dumps({"messages": SYSTEM_TWO_TURNS}) + "\n")
+    prefix = str(tmp_path / "chat")
+    run(PreprocessConfig([str(data)], prefix, "in-memory", chat_template=name, progress=False), tokenizer=tokenizer)
+    tokens, role_codes = IndexedDataset(prefix + "_tokens"), IndexedDataset(prefix + "_roles")  # held: items view their maps
+    ids, roles = tokens[0].tolist(), role_codes[0].tolist()
+    assert ids == tokenizer.apply_chat_template(SYSTEM_TWO_TURNS, chat_template=BUILTIN_TEMPLATES[name], tokenize=True, return_dict=False)
+    assert conversations[0] is SYSTEM_TWO_TURNS and runs(tokenizer, ids, roles) == expected_runs[0]

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from wit_megatron.data.preprocess import PreprocessConfig, run
+from wit_megatron.data.sources import InputError
 from wit_megatron.testing import mistral, smollm2
 
 TOKENIZERS = {"smollm2": smollm2, "mistral": mistral}
@@ -95,7 +96,7 @@ def test_no_append_eos(tmp_path):
         assert tokens[i] == ids and roles[i] == [0] * boundary + [1] * (len(ids) - boundary)
 
 
-def test_every_input_kind_and_worker_count_writes_the_same_bytes(tmp_path):
+def test_every_input_kind_and_worker_count_writes_the_same_bytes(tmp_path, monkeypatch):
     import datasets
 
     records = humaneval()
@@ -106,14 +107,34 @@ def test_every_input_kind_and_worker_count_writes_the_same_bytes(tmp_path):
         "json": [str(tmp_path / "a.json")],
         "parquet": [str(tmp_path / "a.parquet")],
         "saved": [str(tmp_path / "saved")],
+        "saved, --split": [str(tmp_path / "saved_splits")],
+        "jsonl.gz": [str(tmp_path / "all.jsonl.gz")],
+        "dataset name": ["someone/humaneval"],
     }
     (tmp_path / "a.json").write_text(json.dumps(records))
+    (tmp_path / "all.jsonl.gz").write_bytes(gzip.compress("".join(json.dumps(r) + "\n" for r in records).encode()))
     datasets.Dataset.from_list(records).to_parquet(str(tmp_path / "a.parquet"))
     datasets.Dataset.from_list(records).save_to_disk(str(tmp_path / "saved"))
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(records), "test": datasets.Dataset.from_list(records[:3])})
+    splits.save_to_disk(str(tmp_path / "saved_splits"))
+    with pytest.raises(InputError, match=r"saved_splits has splits \['test', 'train'\]: choose one with --split"):
+        run(PreprocessConfig([str(tmp_path / "saved_splits")], str(tmp_path / "o"), tok_dir, progress=False))
+
+    load_dataset = datasets.load_dataset
+
+    def load_dataset_offline(name, **kwargs):
+        """For the name: what `datasets` gives for a dataset in its local cache; the read must be offline-only."""
+        if name != "someone/humaneval":
+            return load_dataset(name, **kwargs)
+        assert (kwargs, datasets.config.HF_HUB_OFFLINE) == ({"split": None, "streaming": True}, True)
+        return datasets.IterableDatasetDict({"train": datasets.Dataset.from_list(records).to_iterable_dataset()})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset_offline)
     outputs, reports = {}, {}
     for kind, paths in inputs.items():
         prefix = str(tmp_path / f"out_{kind}")
-        reports[kind] = run(PreprocessConfig(paths, prefix, tok_dir, chunk_size=16, progress=False))
+        split = "train" if kind == "saved, --split" else None
+        reports[kind] = run(PreprocessConfig(paths, prefix, tok_dir, chunk_size=16, split=split, progress=False))
         outputs[kind] = prefix
     prefix = str(tmp_path / "out_workers")
     report = run(PreprocessConfig(inputs["jsonl"], prefix, tok_dir, workers=2, chunk_size=16, progress=False))
@@ -122,7 +143,7 @@ def test_every_input_kind_and_worker_count_writes_the_same_bytes(tmp_path):
     timing = ("elapsed_s", "tokens_per_s")
     assert {k: v for k, v in report.as_dict().items() if k not in timing} == \
         {k: v for k, v in reports["jsonl"].as_dict().items() if k not in timing}
-    assert not list(tmp_path.glob(".out_workers.parts-*"))  # the workers' part datasets are merged and gone
+    assert not list(tmp_path.glob(".*"))  # staged outputs and the workers' part datasets are published or gone
     reference = {suffix: Path(outputs["jsonl"] + suffix).read_bytes() for suffix in ("_tokens.bin", "_tokens.idx", "_roles.bin", "_roles.idx")}
     for kind, prefix in outputs.items():
         for suffix, data in reference.items():
