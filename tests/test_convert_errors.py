@@ -88,6 +88,89 @@ def test_unrepresentable_configs_are_refused():
     assert rope_settings(v4) == rope_settings(v5) == (5e5, 32.0)
 
 
+LLAMA = dict(architectures=["LlamaForCausalLM"], vocab_size=100, hidden_size=32, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+
+
+def refused(architecture: str, config: dict, match: str) -> None:
+    _, family = family_for({"architectures": [architecture]})
+    with pytest.raises(ConversionError, match=match):
+        arch_from_hf_config(family, config)
+
+
+def test_llama3_rope_scaling_lacking_a_key_names_it(tiny, tmp_path):
+    """It was a KeyError (a traceback from the CLI); transformers requires all four keys too."""
+    no_factor = {k: v for k, v in LLAMA3.items() if k != "factor"}
+    refused("LlamaForCausalLM", dict(LLAMA, rope_scaling=no_factor),
+            r"^config.json rope_scaling of type 'llama3' lacks factor \(required: factor, low_freq_factor, "
+            r"high_freq_factor, original_max_position_embeddings\)$")
+    v5 = {k: v for k, v in LLAMA3.items() if k not in ("high_freq_factor", "original_max_position_embeddings")}
+    refused("LlamaForCausalLM", dict(LLAMA, rope_parameters=dict(v5, rope_theta=5e5)),
+            r"^config.json rope_parameters of type 'llama3' lacks high_freq_factor, original_max_position_embeddings ")
+    hf = edited_copy(tiny, tmp_path / "hf", rope_parameters=dict(no_factor, rope_theta=5e5))
+    result = cli("convert_hf_to_megatron.py", "--hf", str(hf), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "error: config.json rope_parameters of type 'llama3' lacks factor (required: " in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_values_of_the_wrong_type_are_named():
+    """Each was an uncaught KeyError, TypeError, ValueError or ZeroDivisionError, or was taken as it came."""
+    refused("LlamaForCausalLM", dict(LLAMA, rope_scaling=dict(LLAMA3, factor="8")),
+            r"^config.json rope_scaling.factor='8': expected a number$")
+    refused("LlamaForCausalLM", dict(LLAMA, rope_scaling=dict(LLAMA3, low_freq_factor=None)),
+            r"^config.json rope_scaling of type 'llama3' lacks low_freq_factor ")
+    refused("LlamaForCausalLM", dict(LLAMA, rope_scaling="llama3"), r"^config.json rope_scaling='llama3': expected an object$")
+    refused("LlamaForCausalLM", dict(LLAMA, rope_theta="1e4"), r"^config.json rope_theta='1e4': expected a number$")
+    refused("LlamaForCausalLM", dict(LLAMA, rope_parameters={"full_attention": {"rope_type": "default"},
+                                                             "sliding_attention": {"rope_type": "default"}}),
+            r"^config.json rope_parameters holds per-layer-type settings \(full_attention, sliding_attention\)")
+    refused("LlamaForCausalLM", {k: v for k, v in LLAMA.items() if k != "num_attention_heads"},
+            r"^config.json lacks num_attention_heads$")
+    refused("LlamaForCausalLM", dict(LLAMA, hidden_size="32"), r"^config.json hidden_size='32': expected a positive integer$")
+    refused("LlamaForCausalLM", dict(LLAMA, num_key_value_heads=0),
+            r"^config.json num_key_value_heads=0: expected a positive integer$")
+    refused("LlamaForCausalLM", dict(LLAMA, num_key_value_heads=3),
+            r"^config.json num_key_value_heads=3 does not divide num_attention_heads=4$")
+    refused("LlamaForCausalLM", dict(LLAMA, tie_word_embeddings="yes"),
+            r"^config.json tie_word_embeddings='yes': expected true or false$")
+    refused("MistralForCausalLM", dict(LLAMA, architectures=["MistralForCausalLM"], sliding_window="4096"),
+            r"^config.json sliding_window='4096': sliding-window attention is not represented")
+
+
+def test_unsupported_model_features_are_refused_by_name():
+    partial = r"partial_rotary_factor=0.5 is not supported \(only 1.0: RoPE on the whole head\)$"
+    refused("LlamaForCausalLM", dict(LLAMA, partial_rotary_factor=0.5), r"^config.json " + partial)
+    # transformers v5 writes it into rope_parameters.
+    refused("LlamaForCausalLM", dict(LLAMA, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                             "partial_rotary_factor": 0.5}),
+            r"^config.json rope_parameters." + partial)
+    refused("LlamaForCausalLM", dict(LLAMA, hidden_act="gelu"),
+            r"^config.json hidden_act='gelu': Megatron-Core's gated MLP here is SwiGLU \(silu\)$")
+    refused("LlamaForCausalLM", dict(LLAMA, pretraining_tp=2), r"^config.json pretraining_tp=2: pretraining_tp > 1 changes the numerics$")
+    refused("LlamaForCausalLM", dict(LLAMA, attention_bias=False, mlp_bias=True),
+            r"^config.json attention_bias=False: Megatron-Core has one switch \(add_bias_linear\) .* "
+            r"attention_bias and mlp_bias must be equal$")
+    refused("Qwen2ForCausalLM", dict(LLAMA, architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=32),
+            r"^config.json use_sliding_window=True: sliding-window attention is not represented in this converter's Megatron model$")
+    refused("Qwen3ForCausalLM", dict(LLAMA, architectures=["Qwen3ForCausalLM"], use_sliding_window=True),
+            r"^config.json use_sliding_window=True: sliding-window attention")
+    refused("MistralForCausalLM", dict(LLAMA, architectures=["MistralForCausalLM"], sliding_window=32),
+            r"^config.json sliding_window=32: sliding-window attention is not represented in this converter's Megatron "
+            r"model; a window shorter than max_position_embeddings would drift$")
+    # What the refusals let through: Qwen2's inactive window, a Mistral window covering every position, the defaults.
+    _, qwen2 = family_for({"architectures": ["Qwen2ForCausalLM"]})
+    assert arch_from_hf_config(qwen2, dict(LLAMA, use_sliding_window=False, sliding_window=32)).add_qkv_bias
+    _, mistral = family_for({"architectures": ["MistralForCausalLM"]})
+    arch_from_hf_config(mistral, dict(LLAMA, sliding_window=64))
+    _, llama = family_for({"architectures": ["LlamaForCausalLM"]})
+    arch = arch_from_hf_config(llama, dict(LLAMA, hidden_act="silu", pretraining_tp=1, partial_rotary_factor=1.0,
+                                           rope_scaling=LLAMA3))
+    assert arch.rope_scaling_factor == 8.0
+
+
 def test_vocab_padding_is_sized_for_every_valid_tp():
     _, llama = family_for({"architectures": ["LlamaForCausalLM"]})
     base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8,
