@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from tests.convert_models import build
+from wit_megatron.convert import cli as cli_module
 from wit_megatron.convert.families import family_for
 from wit_megatron.convert.hf_config import arch_from_hf_config, rope_settings
 from wit_megatron.convert.hf_to_mcore import convert_hf_to_megatron
@@ -41,6 +43,21 @@ def edited_copy(src: Path, dst: Path, **config_changes) -> Path:
 
 def cli(tool: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def refused_by_cli(capsys, tool: str, *args: str) -> str:
+    """The console script's function in this process (a traceback would fail the test) with --dry-run,
+    which is refused by the same checks as a conversion (so an input that is not refused converts
+    nothing here): exit status 2; returns the message it printed."""
+    assert getattr(cli_module, tool)([*args, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err.removeprefix("error: ").rstrip("\n")
+
+
+def safetensors_bytes(header: dict, data: bytes = b"") -> bytes:
+    encoded = json.dumps(header).encode()
+    return struct.pack("<Q", len(encoded)) + encoded + data
 
 
 def test_unknown_architecture_names_the_supported_ones(tiny, tmp_path):
@@ -198,6 +215,105 @@ def test_impossible_layouts_name_the_valid_sizes(tiny):
         check_layout(arch, ParallelLayout(pp=3))
     with pytest.raises(LayoutError, match=r"4 layers cannot be split into pp\*vpp = 8 stages; valid pp\*vpp: \[1, 2, 4\]"):
         check_layout(arch, ParallelLayout(pp=2, vpp=4))
+
+
+def test_hf_directory_without_config_or_weights(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    weights_only = tmp_path / "weights_only"
+    weights_only.mkdir()
+    shutil.copy(tiny / "model.safetensors", weights_only)
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(weights_only), "--out", str(out)) == (
+        f"{weights_only}: no config.json (is this a Hugging Face model directory?)")
+    (weights_only / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(weights_only), "--out", str(out)).startswith(
+        f"{weights_only / 'config.json'}: not a JSON file (")
+    (weights_only / "config.json").write_text('["LlamaForCausalLM"]')
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(weights_only), "--out", str(out)) == (
+        f"{weights_only / 'config.json'}: expected a JSON object, found list")
+
+    config_only = edited_copy(tiny, tmp_path / "config_only")
+    (config_only / "model.safetensors").unlink()
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(config_only), "--out", str(out)) == (
+        f"{config_only}: no safetensors weights (found: config.json, generation_config.json)")
+    # An index naming a shard that is not there.
+    (config_only / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(config_only), "--out", str(out)) == (
+        f"{config_only / 'model-00001-of-00002.safetensors'}: no such safetensors file")
+    (config_only / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(config_only), "--out", str(out)) == (
+        f"{config_only / 'model.safetensors.index.json'}: unreadable index, expected a JSON object with a weight_map "
+        "(KeyError: 'weight_map')")
+    assert not out.exists()
+
+
+def test_unreadable_safetensors_files_are_named(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    hf = edited_copy(tiny, tmp_path / "hf")
+    weights = hf / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:9] + b"'" + good[10:])  # the header's first key: '...", not "..."
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(out)).startswith(
+        f"{weights}: unreadable safetensors header (Expecting property name enclosed in double quotes")
+    weights.write_bytes(struct.pack("<Q", 1 << 40) + good[8:])
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(out)) == (
+        f"{weights}: corrupt safetensors header (it claims {1 << 40} bytes, the file has {len(good)})")
+    weights.write_bytes(good[:5])
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(out)) == (
+        f"{weights}: not a safetensors file (shorter than 8 bytes)")
+    weights.write_bytes(good)
+
+    extra = hf / "extra.safetensors"
+    extra.write_bytes(safetensors_bytes({"model.norm.bias": {"dtype": "U32", "shape": [2], "data_offsets": [0, 8]}},
+                                        bytes(8)))
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(out)) == (
+        f"{extra}: tensor model.norm.bias has unsupported dtype U32 "
+        "(supported: F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, F8_E4M3, F8_E5M2)")
+    extra.write_bytes(safetensors_bytes({"model.norm.bias": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},
+                                        bytes(4)))
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(out)) == (
+        f"{extra}: corrupt safetensors header entry for tensor model.norm.bias: shape [2] F32 does not fit "
+        "data_offsets [0, 4]")
+    extra.write_bytes(safetensors_bytes({"model.norm.bias": {"dtype": "F32", "shape": [1]}}, bytes(4)))
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(out)) == (
+        f"{extra}: corrupt safetensors header entry for tensor model.norm.bias: {{'dtype': 'F32', 'shape': [1]}}")
+    assert not out.exists()
+
+
+def test_tensors_with_no_place_in_the_model_are_refused(tiny, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    hf = edited_copy(tiny, tmp_path / "hf")
+    save_file({"model.layers.4.mlp.down_proj.weight": torch.zeros(32, 48), "visual.proj.weight": torch.zeros(2, 2),
+               "model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(4)},  # a buffer: ignored
+              hf / "extra.safetensors")
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(tmp_path / "out")) == (
+        "2 checkpoint tensor(s) have no place in the model its config describes, e.g. "
+        "model.layers.4.mlp.down_proj.weight in extra.safetensors, visual.proj.weight in extra.safetensors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tied_model_with_an_lm_head_in_the_file(tiny, tmp_path, capsys):
+    """Accepted when the file's lm_head.weight is the embedding, refused (naming both files) when it is not."""
+    from safetensors.torch import load_file, save_file
+
+    embedding = load_file(tiny / "model.safetensors")["model.embed_tokens.weight"]
+    hf = edited_copy(tiny, tmp_path / "hf")
+    save_file({"lm_head.weight": embedding.clone()}, hf / "head.safetensors")
+    assert cli_module.hf_to_megatron(["--hf", str(hf), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    mapping = capsys.readouterr().out
+    assert "model.embed_tokens.weight [100, 32] float32 -> embedding.word_embeddings.weight (vocab pad)" in mapping
+    assert "lm_head" not in mapping and "output_layer" not in mapping
+
+    different = embedding.clone()
+    different[7, 3] += 1e-3
+    save_file({"lm_head.weight": different}, hf / "head.safetensors")
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(tmp_path / "out")) == (
+        "config.json ties embeddings (tie_word_embeddings) but lm_head.weight in head.safetensors differs from "
+        "model.embed_tokens.weight in model.safetensors (a tied model has one matrix for both)")
+    save_file({"lm_head.weight": embedding[:99].clone()}, hf / "head.safetensors")  # another shape
+    assert "but lm_head.weight in head.safetensors differs" in refused_by_cli(
+        capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
 
 
 def test_megatron_side_errors(tmp_path):
