@@ -24,6 +24,7 @@ from wit_megatron.model import LayoutError, check_layout
 from wit_megatron.runtime.parallel import ParallelLayout
 
 ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / "tests/data/convert/tiny-llama-mcore-0.16.1"  # tests/data/convert/tiny-llama-hf, converted
 
 
 @pytest.fixture(scope="module")
@@ -333,6 +334,84 @@ def test_megatron_side_errors(tmp_path):
     with pytest.raises(ConversionError, match=r"checkpoint lacks output_layer.weight"):
         convert_megatron_to_hf(checkpoint, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_megatron_checkpoint_without_its_record_or_hf_config(tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(CHECKPOINT, checkpoint)
+    record = json.loads((checkpoint / "wit_megatron.json").read_text())
+    (checkpoint / "wit_megatron.json").write_text(json.dumps(dict(record, hf_config=None)))
+    assert refused_by_cli(capsys, "megatron_to_hf", "--megatron", str(checkpoint), "--out", str(tmp_path / "out")) == (
+        f"{checkpoint / 'wit_megatron.json'}: the architecture record has no hf_config, the HF config.json that export "
+        "writes; was the checkpoint converted from a Hugging Face model?")
+    (checkpoint / "wit_megatron.json").write_text("{")
+    assert refused_by_cli(capsys, "megatron_to_hf", "--megatron", str(checkpoint), "--out", str(tmp_path / "out")).startswith(
+        f"{checkpoint / 'wit_megatron.json'}: unreadable architecture record (")
+    # Without wit_megatron.json the record in the common state serves; without that too, nothing does.
+    (checkpoint / "wit_megatron.json").unlink()
+    assert cli_module.megatron_to_hf(["--megatron", str(checkpoint), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    assert "-> model.layers.3.mlp.down_proj.weight [32, 48] (copy)" in capsys.readouterr().out
+    common = torch.load(checkpoint / "release/common.pt", weights_only=False)
+    del common["wit_megatron"]
+    torch.save(common, checkpoint / "release/common.pt")
+    assert refused_by_cli(capsys, "megatron_to_hf", "--megatron", str(checkpoint), "--out", str(tmp_path / "out")) == (
+        f"{checkpoint / 'release'}: no wit_megatron.json next to it and no architecture record in its common state; "
+        "was it written by this project's converter or training?")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_export_refuses_an_existing_output_and_prints_a_dry_run(tmp_path, capsys):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep").write_text("old")
+    refused = cli("convert_megatron_to_hf.py", "--megatron", str(CHECKPOINT), "--out", str(existing))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1] == f"error: output directory {existing} exists; pass --force to replace it"
+    assert [p.name for p in existing.iterdir()] == ["keep"]
+
+    assert cli_module.megatron_to_hf(["--megatron", str(CHECKPOINT), "--out", str(tmp_path / "new"), "--dry-run"]) == 0
+    mapping = capsys.readouterr().out.splitlines()
+    assert len(mapping) == 1 + 4 * 6 + 1  # embedding, 6 Megatron tensors per layer, final norm (tied: no output layer)
+    assert mapping[0] == "embedding.word_embeddings.weight [256, 32] -> model.embed_tokens.weight [100, 32] (vocab pad)"
+    assert ("decoder.layers.self_attention.linear_qkv.weight[3] [64, 32] -> model.layers.3.self_attn.q_proj.weight "
+            "[32, 32] + model.layers.3.self_attn.k_proj.weight [16, 32] + model.layers.3.self_attn.v_proj.weight "
+            "[16, 32] (qkv interleave)") in mapping
+    assert ("decoder.layers.mlp.linear_fc1.weight[0] [96, 32] -> model.layers.0.mlp.gate_proj.weight [48, 32] + "
+            "model.layers.0.mlp.up_proj.weight [48, 32] (gate|up concat)") in mapping
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # nothing written, no temporary directory
+
+
+def test_export_failure_leaves_nothing_and_force_replaces_only_when_complete(tmp_path, monkeypatch):
+    from wit_megatron.convert import mcore_to_hf
+
+    written = []
+
+    def fail_after_configs(root, tmp, *args):
+        real_write_configs(root, tmp, *args)
+        written.extend(sorted(p.name for p in tmp.iterdir()))
+        raise OSError("disk full")
+
+    real_write_configs = mcore_to_hf._write_configs
+    monkeypatch.setattr(mcore_to_hf, "_write_configs", fail_after_configs)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        convert_megatron_to_hf(CHECKPOINT, out, progress=False)
+    # It failed with the whole model written to the temporary directory; none of it is left.
+    assert written == ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json"]
+    assert list(tmp_path.iterdir()) == []
+
+    out.mkdir()
+    (out / "keep").write_text("old")
+    written.clear()
+    with pytest.raises(OSError, match="disk full"):
+        convert_megatron_to_hf(CHECKPOINT, out, force=True, progress=False)
+    assert written and [p.name for p in tmp_path.iterdir()] == ["out"]  # no .out.tmp-* or .out.old-* left
+    assert [p.name for p in out.iterdir()] == ["keep"] and (out / "keep").read_text() == "old"
+
+    monkeypatch.undo()
+    assert cli_module.megatron_to_hf(["--megatron", str(CHECKPOINT), "--out", str(out), "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == written
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_cli_refuses_existing_output_and_prints_a_dry_run(tiny, tmp_path):
