@@ -21,6 +21,7 @@ from wit_megatron.convert.hf_to_mcore import convert_hf_to_megatron
 from wit_megatron.convert.mcore_to_hf import convert_megatron_to_hf
 from wit_megatron.convert.transforms import ConversionError
 from wit_megatron.model import LayoutError, check_layout
+from wit_megatron.runtime.launch import run_distributed
 from wit_megatron.runtime.parallel import ParallelLayout
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -429,7 +430,9 @@ def test_cli_refuses_existing_output_and_prints_a_dry_run(tiny, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def test_cli_failure_midway_leaves_nothing_and_force_replaces(tiny, tmp_path):
+def test_cli_truncated_tensor_is_refused_and_force_replaces(tiny, tmp_path):
+    # The truncation is found while the tensors are gathered, before any output is created: that a
+    # failure in the write itself leaves nothing is test_failure_in_the_checkpoint_write_leaves_nothing.
     broken = edited_copy(tiny, tmp_path / "broken")
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[:-64])  # the last tensor loses its tail
@@ -445,6 +448,27 @@ def test_cli_failure_midway_leaves_nothing_and_force_replaces(tiny, tmp_path):
     assert not (out / "stale").exists()
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
+
+
+def test_failure_in_the_checkpoint_write_leaves_nothing(tiny, tmp_path):
+    """HF -> Megatron failing after every file is written into the temporary directory (in a separate
+    process: the converter sets up a process group and megatron-core's CPU layer): no --out, no
+    temporary directory; over an existing output with --force, the old output is untouched."""
+    old = tmp_path / "old"
+    shutil.copytree(CHECKPOINT, old)  # stands for a good earlier conversion
+    before = {str(p.relative_to(old)): p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    jobs = [dict(hf=str(tiny), out=str(tmp_path / "new"), force=False), dict(hf=str(tiny), out=str(old), force=True)]
+    results = run_distributed("tests.scenarios.convert_cases:conversions_failing_in_the_write", 1, jobs=jobs)[0]
+    for job, result in zip(jobs, results):
+        assert result["error"] is not None and result["error"].startswith("disk full while writing "), result
+        temporary = Path(result["error"].removeprefix("disk full while writing "))
+        assert temporary.parent == tmp_path and temporary.name.startswith(f".{Path(job['out']).name}.tmp-")
+        # The whole checkpoint was there: a converter writing straight into --out would have left it.
+        assert {"latest_checkpointed_iteration.txt", "wit_megatron.json", "release/.metadata", "release/common.pt",
+                "release/metadata.json", "hf_assets/config.json"} <= set(result["written"]), result["written"]
+        assert any(name.endswith(".distcp") for name in result["written"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # no "new", no .new.tmp-*, .old.tmp-*, .old.old-*
+    assert {str(p.relative_to(old)): p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
 
 
 def test_an_interrupted_layout_write_keeps_the_previous_iteration(tmp_path, monkeypatch):
