@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import struct
 import subprocess
 import sys
 from pathlib import Path
@@ -13,15 +14,18 @@ import pytest
 import torch
 
 from tests.convert_models import build
+from wit_megatron.convert import cli as cli_module
 from wit_megatron.convert.families import family_for
 from wit_megatron.convert.hf_config import arch_from_hf_config, rope_settings
 from wit_megatron.convert.hf_to_mcore import convert_hf_to_megatron
 from wit_megatron.convert.mcore_to_hf import convert_megatron_to_hf
 from wit_megatron.convert.transforms import ConversionError
 from wit_megatron.model import LayoutError, check_layout
+from wit_megatron.runtime.launch import run_distributed
 from wit_megatron.runtime.parallel import ParallelLayout
 
 ROOT = Path(__file__).resolve().parents[1]
+CHECKPOINT = ROOT / "tests/data/convert/tiny-llama-mcore-0.16.1"  # tests/data/convert/tiny-llama-hf, converted
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +45,21 @@ def edited_copy(src: Path, dst: Path, **config_changes) -> Path:
 
 def cli(tool: str, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(ROOT / "tools" / tool), *args], capture_output=True, text=True, cwd=ROOT)
+
+
+def refused_by_cli(capsys, tool: str, *args: str) -> str:
+    """The console script's function in this process (a traceback would fail the test) with --dry-run,
+    which is refused by the same checks as a conversion (so an input that is not refused converts
+    nothing here): exit status 2; returns the message it printed."""
+    assert getattr(cli_module, tool)([*args, "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1, err
+    return err.removeprefix("error: ").rstrip("\n")
+
+
+def safetensors_bytes(header: dict, data: bytes = b"") -> bytes:
+    encoded = json.dumps(header).encode()
+    return struct.pack("<Q", len(encoded)) + encoded + data
 
 
 def test_unknown_architecture_names_the_supported_ones(tiny, tmp_path):
@@ -88,6 +107,89 @@ def test_unrepresentable_configs_are_refused():
     assert rope_settings(v4) == rope_settings(v5) == (5e5, 32.0)
 
 
+LLAMA = dict(architectures=["LlamaForCausalLM"], vocab_size=100, hidden_size=32, num_hidden_layers=2,
+             num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, max_position_embeddings=64)
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 8192}
+
+
+def refused(architecture: str, config: dict, match: str) -> None:
+    _, family = family_for({"architectures": [architecture]})
+    with pytest.raises(ConversionError, match=match):
+        arch_from_hf_config(family, config)
+
+
+def test_llama3_rope_scaling_lacking_a_key_names_it(tiny, tmp_path):
+    """It was a KeyError (a traceback from the CLI); transformers requires all four keys too."""
+    no_factor = {k: v for k, v in LLAMA3.items() if k != "factor"}
+    refused("LlamaForCausalLM", dict(LLAMA, rope_scaling=no_factor),
+            r"^config.json rope_scaling of type 'llama3' lacks factor \(required: factor, low_freq_factor, "
+            r"high_freq_factor, original_max_position_embeddings\)$")
+    v5 = {k: v for k, v in LLAMA3.items() if k not in ("high_freq_factor", "original_max_position_embeddings")}
+    refused("LlamaForCausalLM", dict(LLAMA, rope_parameters=dict(v5, rope_theta=5e5)),
+            r"^config.json rope_parameters of type 'llama3' lacks high_freq_factor, original_max_position_embeddings ")
+    hf = edited_copy(tiny, tmp_path / "hf", rope_parameters=dict(no_factor, rope_theta=5e5))
+    result = cli("convert_hf_to_megatron.py", "--hf", str(hf), "--out", str(tmp_path / "out"))
+    assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert "error: config.json rope_parameters of type 'llama3' lacks factor (required: " in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_config_values_of_the_wrong_type_are_named():
+    """Each was an uncaught KeyError, TypeError, ValueError or ZeroDivisionError, or was taken as it came."""
+    refused("LlamaForCausalLM", dict(LLAMA, rope_scaling=dict(LLAMA3, factor="8")),
+            r"^config.json rope_scaling.factor='8': expected a number$")
+    refused("LlamaForCausalLM", dict(LLAMA, rope_scaling=dict(LLAMA3, low_freq_factor=None)),
+            r"^config.json rope_scaling of type 'llama3' lacks low_freq_factor ")
+    refused("LlamaForCausalLM", dict(LLAMA, rope_scaling="llama3"), r"^config.json rope_scaling='llama3': expected an object$")
+    refused("LlamaForCausalLM", dict(LLAMA, rope_theta="1e4"), r"^config.json rope_theta='1e4': expected a number$")
+    refused("LlamaForCausalLM", dict(LLAMA, rope_parameters={"full_attention": {"rope_type": "default"},
+                                                             "sliding_attention": {"rope_type": "default"}}),
+            r"^config.json rope_parameters holds per-layer-type settings \(full_attention, sliding_attention\)")
+    refused("LlamaForCausalLM", {k: v for k, v in LLAMA.items() if k != "num_attention_heads"},
+            r"^config.json lacks num_attention_heads$")
+    refused("LlamaForCausalLM", dict(LLAMA, hidden_size="32"), r"^config.json hidden_size='32': expected a positive integer$")
+    refused("LlamaForCausalLM", dict(LLAMA, num_key_value_heads=0),
+            r"^config.json num_key_value_heads=0: expected a positive integer$")
+    refused("LlamaForCausalLM", dict(LLAMA, num_key_value_heads=3),
+            r"^config.json num_key_value_heads=3 does not divide num_attention_heads=4$")
+    refused("LlamaForCausalLM", dict(LLAMA, tie_word_embeddings="yes"),
+            r"^config.json tie_word_embeddings='yes': expected true or false$")
+    refused("MistralForCausalLM", dict(LLAMA, architectures=["MistralForCausalLM"], sliding_window="4096"),
+            r"^config.json sliding_window='4096': sliding-window attention is not represented")
+
+
+def test_unsupported_model_features_are_refused_by_name():
+    partial = r"partial_rotary_factor=0.5 is not supported \(only 1.0: RoPE on the whole head\)$"
+    refused("LlamaForCausalLM", dict(LLAMA, partial_rotary_factor=0.5), r"^config.json " + partial)
+    # transformers v5 writes it into rope_parameters.
+    refused("LlamaForCausalLM", dict(LLAMA, rope_parameters={"rope_type": "default", "rope_theta": 1e4,
+                                                             "partial_rotary_factor": 0.5}),
+            r"^config.json rope_parameters." + partial)
+    refused("LlamaForCausalLM", dict(LLAMA, hidden_act="gelu"),
+            r"^config.json hidden_act='gelu': Megatron-Core's gated MLP here is SwiGLU \(silu\)$")
+    refused("LlamaForCausalLM", dict(LLAMA, pretraining_tp=2), r"^config.json pretraining_tp=2: pretraining_tp > 1 changes the numerics$")
+    refused("LlamaForCausalLM", dict(LLAMA, attention_bias=False, mlp_bias=True),
+            r"^config.json attention_bias=False: Megatron-Core has one switch \(add_bias_linear\) .* "
+            r"attention_bias and mlp_bias must be equal$")
+    refused("Qwen2ForCausalLM", dict(LLAMA, architectures=["Qwen2ForCausalLM"], use_sliding_window=True, sliding_window=32),
+            r"^config.json use_sliding_window=True: sliding-window attention is not represented in this converter's Megatron model$")
+    refused("Qwen3ForCausalLM", dict(LLAMA, architectures=["Qwen3ForCausalLM"], use_sliding_window=True),
+            r"^config.json use_sliding_window=True: sliding-window attention")
+    refused("MistralForCausalLM", dict(LLAMA, architectures=["MistralForCausalLM"], sliding_window=32),
+            r"^config.json sliding_window=32: sliding-window attention is not represented in this converter's Megatron "
+            r"model; a window shorter than max_position_embeddings would drift$")
+    # What the refusals let through: Qwen2's inactive window, a Mistral window covering every position, the defaults.
+    _, qwen2 = family_for({"architectures": ["Qwen2ForCausalLM"]})
+    assert arch_from_hf_config(qwen2, dict(LLAMA, use_sliding_window=False, sliding_window=32)).add_qkv_bias
+    _, mistral = family_for({"architectures": ["MistralForCausalLM"]})
+    arch_from_hf_config(mistral, dict(LLAMA, sliding_window=64))
+    _, llama = family_for({"architectures": ["LlamaForCausalLM"]})
+    arch = arch_from_hf_config(llama, dict(LLAMA, hidden_act="silu", pretraining_tp=1, partial_rotary_factor=1.0,
+                                           rope_scaling=LLAMA3))
+    assert arch.rope_scaling_factor == 8.0
+
+
 def test_vocab_padding_is_sized_for_every_valid_tp():
     _, llama = family_for({"architectures": ["LlamaForCausalLM"]})
     base = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=8, num_key_value_heads=8,
@@ -117,6 +219,105 @@ def test_impossible_layouts_name_the_valid_sizes(tiny):
         check_layout(arch, ParallelLayout(pp=2, vpp=4))
 
 
+def test_hf_directory_without_config_or_weights(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    weights_only = tmp_path / "weights_only"
+    weights_only.mkdir()
+    shutil.copy(tiny / "model.safetensors", weights_only)
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(weights_only), "--out", str(out)) == (
+        f"{weights_only}: no config.json (is this a Hugging Face model directory?)")
+    (weights_only / "config.json").write_text('{"architectures": ["LlamaForCausalLM"],')
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(weights_only), "--out", str(out)).startswith(
+        f"{weights_only / 'config.json'}: not a JSON file (")
+    (weights_only / "config.json").write_text('["LlamaForCausalLM"]')
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(weights_only), "--out", str(out)) == (
+        f"{weights_only / 'config.json'}: expected a JSON object, found list")
+
+    config_only = edited_copy(tiny, tmp_path / "config_only")
+    (config_only / "model.safetensors").unlink()
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(config_only), "--out", str(out)) == (
+        f"{config_only}: no safetensors weights (found: config.json, generation_config.json)")
+    # An index naming a shard that is not there.
+    (config_only / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"model.norm.weight": "model-00001-of-00002.safetensors"}}))
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(config_only), "--out", str(out)) == (
+        f"{config_only / 'model-00001-of-00002.safetensors'}: no such safetensors file")
+    (config_only / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}}))
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(config_only), "--out", str(out)) == (
+        f"{config_only / 'model.safetensors.index.json'}: unreadable index, expected a JSON object with a weight_map "
+        "(KeyError: 'weight_map')")
+    assert not out.exists()
+
+
+def test_unreadable_safetensors_files_are_named(tiny, tmp_path, capsys):
+    out = tmp_path / "out"
+    hf = edited_copy(tiny, tmp_path / "hf")
+    weights = hf / "model.safetensors"
+    good = weights.read_bytes()
+    weights.write_bytes(good[:9] + b"'" + good[10:])  # the header's first key: '...", not "..."
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(out)).startswith(
+        f"{weights}: unreadable safetensors header (Expecting property name enclosed in double quotes")
+    weights.write_bytes(struct.pack("<Q", 1 << 40) + good[8:])
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(out)) == (
+        f"{weights}: corrupt safetensors header (it claims {1 << 40} bytes, the file has {len(good)})")
+    weights.write_bytes(good[:5])
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(out)) == (
+        f"{weights}: not a safetensors file (shorter than 8 bytes)")
+    weights.write_bytes(good)
+
+    extra = hf / "extra.safetensors"
+    extra.write_bytes(safetensors_bytes({"model.norm.bias": {"dtype": "U32", "shape": [2], "data_offsets": [0, 8]}},
+                                        bytes(8)))
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(out)) == (
+        f"{extra}: tensor model.norm.bias has unsupported dtype U32 "
+        "(supported: F64, F32, F16, BF16, I64, I32, I16, I8, U8, BOOL, F8_E4M3, F8_E5M2)")
+    extra.write_bytes(safetensors_bytes({"model.norm.bias": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}},
+                                        bytes(4)))
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(out)) == (
+        f"{extra}: corrupt safetensors header entry for tensor model.norm.bias: shape [2] F32 does not fit "
+        "data_offsets [0, 4]")
+    extra.write_bytes(safetensors_bytes({"model.norm.bias": {"dtype": "F32", "shape": [1]}}, bytes(4)))
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(out)) == (
+        f"{extra}: corrupt safetensors header entry for tensor model.norm.bias: {{'dtype': 'F32', 'shape': [1]}}")
+    assert not out.exists()
+
+
+def test_tensors_with_no_place_in_the_model_are_refused(tiny, tmp_path, capsys):
+    from safetensors.torch import save_file
+
+    hf = edited_copy(tiny, tmp_path / "hf")
+    save_file({"model.layers.4.mlp.down_proj.weight": torch.zeros(32, 48), "visual.proj.weight": torch.zeros(2, 2),
+               "model.layers.0.self_attn.rotary_emb.inv_freq": torch.zeros(4)},  # a buffer: ignored
+              hf / "extra.safetensors")
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(tmp_path / "out")) == (
+        "2 checkpoint tensor(s) have no place in the model its config describes, e.g. "
+        "model.layers.4.mlp.down_proj.weight in extra.safetensors, visual.proj.weight in extra.safetensors")
+    assert not (tmp_path / "out").exists()
+
+
+def test_tied_model_with_an_lm_head_in_the_file(tiny, tmp_path, capsys):
+    """Accepted when the file's lm_head.weight is the embedding, refused (naming both files) when it is not."""
+    from safetensors.torch import load_file, save_file
+
+    embedding = load_file(tiny / "model.safetensors")["model.embed_tokens.weight"]
+    hf = edited_copy(tiny, tmp_path / "hf")
+    save_file({"lm_head.weight": embedding.clone()}, hf / "head.safetensors")
+    assert cli_module.hf_to_megatron(["--hf", str(hf), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    mapping = capsys.readouterr().out
+    assert "model.embed_tokens.weight [100, 32] float32 -> embedding.word_embeddings.weight (vocab pad)" in mapping
+    assert "lm_head" not in mapping and "output_layer" not in mapping
+
+    different = embedding.clone()
+    different[7, 3] += 1e-3
+    save_file({"lm_head.weight": different}, hf / "head.safetensors")
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(tmp_path / "out")) == (
+        "config.json ties embeddings (tie_word_embeddings) but lm_head.weight in head.safetensors differs from "
+        "model.embed_tokens.weight in model.safetensors (a tied model has one matrix for both)")
+    save_file({"lm_head.weight": embedding[:99].clone()}, hf / "head.safetensors")  # another shape
+    assert "but lm_head.weight in head.safetensors differs" in refused_by_cli(
+        capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
 def test_megatron_side_errors(tmp_path):
     with pytest.raises(ConversionError, match=r"not a Megatron checkpoint \(no latest_checkpointed_iteration.txt"):
         convert_megatron_to_hf(tmp_path, tmp_path / "out")
@@ -136,6 +337,84 @@ def test_megatron_side_errors(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_megatron_checkpoint_without_its_record_or_hf_config(tmp_path, capsys):
+    checkpoint = tmp_path / "checkpoint"
+    shutil.copytree(CHECKPOINT, checkpoint)
+    record = json.loads((checkpoint / "wit_megatron.json").read_text())
+    (checkpoint / "wit_megatron.json").write_text(json.dumps(dict(record, hf_config=None)))
+    assert refused_by_cli(capsys, "megatron_to_hf", "--megatron", str(checkpoint), "--out", str(tmp_path / "out")) == (
+        f"{checkpoint / 'wit_megatron.json'}: the architecture record has no hf_config, the HF config.json that export "
+        "writes; was the checkpoint converted from a Hugging Face model?")
+    (checkpoint / "wit_megatron.json").write_text("{")
+    assert refused_by_cli(capsys, "megatron_to_hf", "--megatron", str(checkpoint), "--out", str(tmp_path / "out")).startswith(
+        f"{checkpoint / 'wit_megatron.json'}: unreadable architecture record (")
+    # Without wit_megatron.json the record in the common state serves; without that too, nothing does.
+    (checkpoint / "wit_megatron.json").unlink()
+    assert cli_module.megatron_to_hf(["--megatron", str(checkpoint), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    assert "-> model.layers.3.mlp.down_proj.weight [32, 48] (copy)" in capsys.readouterr().out
+    common = torch.load(checkpoint / "release/common.pt", weights_only=False)
+    del common["wit_megatron"]
+    torch.save(common, checkpoint / "release/common.pt")
+    assert refused_by_cli(capsys, "megatron_to_hf", "--megatron", str(checkpoint), "--out", str(tmp_path / "out")) == (
+        f"{checkpoint / 'release'}: no wit_megatron.json next to it and no architecture record in its common state; "
+        "was it written by this project's converter or training?")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
+
+
+def test_export_refuses_an_existing_output_and_prints_a_dry_run(tmp_path, capsys):
+    existing = tmp_path / "existing"
+    existing.mkdir()
+    (existing / "keep").write_text("old")
+    refused = cli("convert_megatron_to_hf.py", "--megatron", str(CHECKPOINT), "--out", str(existing))
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr, refused.stderr[-2000:]
+    assert refused.stderr.strip().splitlines()[-1] == f"error: output directory {existing} exists; pass --force to replace it"
+    assert [p.name for p in existing.iterdir()] == ["keep"]
+
+    assert cli_module.megatron_to_hf(["--megatron", str(CHECKPOINT), "--out", str(tmp_path / "new"), "--dry-run"]) == 0
+    mapping = capsys.readouterr().out.splitlines()
+    assert len(mapping) == 1 + 4 * 6 + 1  # embedding, 6 Megatron tensors per layer, final norm (tied: no output layer)
+    assert mapping[0] == "embedding.word_embeddings.weight [256, 32] -> model.embed_tokens.weight [100, 32] (vocab pad)"
+    assert ("decoder.layers.self_attention.linear_qkv.weight[3] [64, 32] -> model.layers.3.self_attn.q_proj.weight "
+            "[32, 32] + model.layers.3.self_attn.k_proj.weight [16, 32] + model.layers.3.self_attn.v_proj.weight "
+            "[16, 32] (qkv interleave)") in mapping
+    assert ("decoder.layers.mlp.linear_fc1.weight[0] [96, 32] -> model.layers.0.mlp.gate_proj.weight [48, 32] + "
+            "model.layers.0.mlp.up_proj.weight [48, 32] (gate|up concat)") in mapping
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["existing"]  # nothing written, no temporary directory
+
+
+def test_export_failure_leaves_nothing_and_force_replaces_only_when_complete(tmp_path, monkeypatch):
+    from wit_megatron.convert import mcore_to_hf
+
+    written = []
+
+    def fail_after_configs(root, tmp, *args):
+        real_write_configs(root, tmp, *args)
+        written.extend(sorted(p.name for p in tmp.iterdir()))
+        raise OSError("disk full")
+
+    real_write_configs = mcore_to_hf._write_configs
+    monkeypatch.setattr(mcore_to_hf, "_write_configs", fail_after_configs)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="disk full"):
+        convert_megatron_to_hf(CHECKPOINT, out, progress=False)
+    # It failed with the whole model written to the temporary directory; none of it is left.
+    assert written == ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json"]
+    assert list(tmp_path.iterdir()) == []
+
+    out.mkdir()
+    (out / "keep").write_text("old")
+    written.clear()
+    with pytest.raises(OSError, match="disk full"):
+        convert_megatron_to_hf(CHECKPOINT, out, force=True, progress=False)
+    assert written and [p.name for p in tmp_path.iterdir()] == ["out"]  # no .out.tmp-* or .out.old-* left
+    assert [p.name for p in out.iterdir()] == ["keep"] and (out / "keep").read_text() == "old"
+
+    monkeypatch.undo()
+    assert cli_module.megatron_to_hf(["--megatron", str(CHECKPOINT), "--out", str(out), "--force"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == written
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
 def test_cli_refuses_existing_output_and_prints_a_dry_run(tiny, tmp_path):
     existing = tmp_path / "existing"
     existing.mkdir()
@@ -151,7 +430,9 @@ def test_cli_refuses_existing_output_and_prints_a_dry_run(tiny, tmp_path):
     assert not (tmp_path / "new").exists()
 
 
-def test_cli_failure_midway_leaves_nothing_and_force_replaces(tiny, tmp_path):
+def test_cli_truncated_tensor_is_refused_and_force_replaces(tiny, tmp_path):
+    # The truncation is found while the tensors are gathered, before any output is created: that a
+    # failure in the write itself leaves nothing is test_failure_in_the_checkpoint_write_leaves_nothing.
     broken = edited_copy(tiny, tmp_path / "broken")
     data = (broken / "model.safetensors").read_bytes()
     (broken / "model.safetensors").write_bytes(data[:-64])  # the last tensor loses its tail
@@ -167,6 +448,27 @@ def test_cli_failure_midway_leaves_nothing_and_force_replaces(tiny, tmp_path):
     assert not (out / "stale").exists()
     assert (out / "latest_checkpointed_iteration.txt").read_text() == "release"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken", "out"]
+
+
+def test_failure_in_the_checkpoint_write_leaves_nothing(tiny, tmp_path):
+    """HF -> Megatron failing after every file is written into the temporary directory (in a separate
+    process: the converter sets up a process group and megatron-core's CPU layer): no --out, no
+    temporary directory; over an existing output with --force, the old output is untouched."""
+    old = tmp_path / "old"
+    shutil.copytree(CHECKPOINT, old)  # stands for a good earlier conversion
+    before = {str(p.relative_to(old)): p.read_bytes() for p in old.rglob("*") if p.is_file()}
+    jobs = [dict(hf=str(tiny), out=str(tmp_path / "new"), force=False), dict(hf=str(tiny), out=str(old), force=True)]
+    results = run_distributed("tests.scenarios.convert_cases:conversions_failing_in_the_write", 1, jobs=jobs)[0]
+    for job, result in zip(jobs, results):
+        assert result["error"] is not None and result["error"].startswith("disk full while writing "), result
+        temporary = Path(result["error"].removeprefix("disk full while writing "))
+        assert temporary.parent == tmp_path and temporary.name.startswith(f".{Path(job['out']).name}.tmp-")
+        # The whole checkpoint was there: a converter writing straight into --out would have left it.
+        assert {"latest_checkpointed_iteration.txt", "wit_megatron.json", "release/.metadata", "release/common.pt",
+                "release/metadata.json", "hf_assets/config.json"} <= set(result["written"]), result["written"]
+        assert any(name.endswith(".distcp") for name in result["written"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # no "new", no .new.tmp-*, .old.tmp-*, .old.old-*
+    assert {str(p.relative_to(old)): p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
 
 
 def test_an_interrupted_layout_write_keeps_the_previous_iteration(tmp_path, monkeypatch):

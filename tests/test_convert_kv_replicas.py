@@ -98,6 +98,7 @@ def test_export_refuses_copies_that_diverged(converted, tmp_path):
                             "differs from copy 0 (largest |difference| over all copies: 0.25). The copies diverged: "
                             "the model was trained without summing the copies' gradients"), error
     assert not (tmp_path / "hf").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trained"]  # no temporary .hf.tmp-* directory left either
     # The same check on a QKV bias, in memory: GQA with 2 KV heads x 2 copies, copy 1 of head 1's key.
     arch = GPTArch(vocab_size=100, num_layers=1, hidden_size=32, num_attention_heads=8, num_query_groups=4,
                    ffn_hidden_size=48, max_position_embeddings=64, add_qkv_bias=True, kv_replicas=2)

@@ -95,3 +95,33 @@ def single_rank_models(archs: list[dict]) -> list[dict]:
         shapes = {key: tuple(entry.data.shape) for _, key, _, entry in tensor_entries(model.sharded_state_dict())}
         out.append({"names": sorted(n for n, _ in model.named_parameters()), "shapes": shapes})
     return out
+
+
+def conversions_failing_in_the_write(jobs: list[dict]) -> list[dict]:
+    """One rank. Each job: {"hf", "out", "force"}: HF -> Megatron with `checkpoint.write_layout`, the last
+    step of the write, raising OSError after it has written the record and the tracker into the
+    temporary directory (the torch_dist save and the assets are there already). Returns per job
+    {"error": the OSError's message or None, "written": the temporary directory's files at the failure}."""
+    from pathlib import Path
+
+    from wit_megatron.convert import checkpoint as ckpt
+
+    real = ckpt.write_layout
+    results = []
+    for job in jobs:
+        written = []
+
+        def fail(root: Path, *args):
+            real(root, *args)
+            written.extend(sorted(str(p.relative_to(root)) for p in Path(root).rglob("*") if p.is_file()))
+            raise OSError(f"disk full while writing {root}")
+
+        ckpt.write_layout = fail
+        try:
+            convert_hf_to_megatron(job["hf"], job["out"], force=job["force"], progress=False)
+            results.append({"error": None, "written": written})
+        except OSError as e:
+            results.append({"error": str(e), "written": written})
+        finally:
+            ckpt.write_layout = real
+    return results

@@ -81,7 +81,13 @@ def make_record(family: str, arch: GPTArch, dtype: torch.dtype, hf_config: Optio
 def read_record(root: Path, iteration_dir: Path) -> dict:
     """The architecture record: from ROOT/wit_megatron.json, else from the checkpoint's common state."""
     if (root / RECORD).exists():
-        return json.loads((root / RECORD).read_text())
+        try:
+            record = json.loads((root / RECORD).read_text())
+        except ValueError as e:  # invalid JSON or text
+            raise ConversionError(f"{root / RECORD}: unreadable architecture record ({e})") from None
+        if not isinstance(record, dict):
+            raise ConversionError(f"{root / RECORD}: expected a JSON object, found {type(record).__name__}")
+        return record
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(str(iteration_dir))

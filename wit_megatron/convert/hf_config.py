@@ -13,30 +13,64 @@ from wit_megatron.model import GPTArch
 MCORE_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 
 
+# What a llama3 scaling must name (transformers' and Meta's llama3 RoPE read all four; none has a default
+# that is megatron-core's for certain).
+LLAMA3_KEYS = ("factor", *MCORE_LLAMA3_FIXED)
+
+
+def _number(where: str, value) -> float:
+    """A config value that must be a number, as float; a ConversionError naming `where` otherwise."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConversionError(f"config.json {where}={value!r}: expected a number")
+    return float(value)
+
+
 def rope_settings(config: dict) -> tuple[float, Optional[float]]:
     """(rope theta, llama3 scaling factor or None) from a v4 (`rope_theta`, `rope_scaling`) or v5
-    (`rope_parameters`) config; refuses any scaling megatron-core cannot reproduce exactly."""
-    params = dict(config.get("rope_parameters") or {})
-    theta = params.pop("rope_theta", config.get("rope_theta", 10000.0))
-    scaling = dict(config.get("rope_scaling") or params)
+    (`rope_parameters`) config; refuses any scaling megatron-core cannot reproduce exactly, and
+    missing or wrongly typed values, naming the config.json key."""
+    params = config.get("rope_parameters") or {}
+    if not isinstance(params, dict):
+        raise ConversionError(f"config.json rope_parameters={params!r}: expected an object")
+    if any(isinstance(v, dict) for v in params.values()):
+        raise ConversionError(
+            f"config.json rope_parameters holds per-layer-type settings ({', '.join(sorted(params))}); "
+            "one RoPE for every layer is supported"
+        )
+    params = dict(params)
+    theta = _number("rope_parameters.rope_theta" if "rope_theta" in params else "rope_theta",
+                    params.pop("rope_theta", config.get("rope_theta", 10000.0)))
+    source = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
+    scaling = config.get("rope_scaling") or params
+    if not isinstance(scaling, dict):
+        raise ConversionError(f"config.json {source}={scaling!r}: expected an object")
+    # transformers v5 keeps partial_rotary_factor in rope_parameters, v4 at the top level.
+    for where, holder in (("partial_rotary_factor", config), (f"{source}.partial_rotary_factor", scaling)):
+        if holder.get("partial_rotary_factor") is not None and _number(where, holder["partial_rotary_factor"]) != 1.0:
+            raise ConversionError(
+                f"config.json {where}={holder['partial_rotary_factor']} is not supported (only 1.0: RoPE on the whole head)"
+            )
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if config.get("partial_rotary_factor", 1.0) != 1.0:
-        raise ConversionError(f"partial_rotary_factor={config['partial_rotary_factor']} is not supported (only 1.0)")
     if rope_type in (None, "default"):
-        return float(theta), None
+        return theta, None
     if rope_type != "llama3":
         raise ConversionError(
-            f"rope scaling of type {rope_type!r} cannot be represented in Megatron-Core's GPTModel; "
+            f"config.json {source}: rope scaling of type {rope_type!r} cannot be represented in Megatron-Core's GPTModel; "
             "supported: none/'default', and 'llama3' with "
             + ", ".join(f"{k}={v:g}" for k, v in MCORE_LLAMA3_FIXED.items())
         )
+    missing = [key for key in LLAMA3_KEYS if scaling.get(key) is None]
+    if missing:
+        raise ConversionError(
+            f"config.json {source} of type 'llama3' lacks {', '.join(missing)} (required: {', '.join(LLAMA3_KEYS)})"
+        )
     for key, fixed in MCORE_LLAMA3_FIXED.items():
-        if float(scaling.get(key, fixed)) != fixed:
+        if _number(f"{source}.{key}", scaling[key]) != fixed:
             raise ConversionError(
                 f"llama3 rope scaling with {key}={scaling[key]} would drift: megatron-core fixes {key}={fixed:g} "
-                "(only `factor` is configurable)"
+                f"(only `factor` is configurable; config.json {source})"
             )
-    return float(theta), float(scaling["factor"])
+    return theta, _number(f"{source}.factor", scaling["factor"])
 
 
 def max_tensor_parallel(num_attention_heads: int, num_query_groups: int) -> int:
@@ -55,6 +89,12 @@ def padded_vocab_size(vocab: int, max_tp: int, vocab_multiple: Optional[int] = N
     return -(-vocab // multiple) * multiple
 
 
+# GPTArch fields config.json must give, and the type each copied value must have.
+REQUIRED = ("vocab_size", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings")
+FIELD_KINDS = {**{k: int for k in (*REQUIRED, "num_query_groups", "kv_channels")}, "norm_epsilon": float,
+               "tie_embeddings": bool}
+
+
 def arch_from_hf_config(family: Family, config: dict, vocab_multiple: Optional[int] = None, kv_replicas: int = 1) -> GPTArch:
     """The GPTArch of an HF config. Vocabulary rows are padded only as far as needed: to the smallest
     multiple that every valid TP size divides (usually no padding), or, if `vocab_multiple` is given,
@@ -62,13 +102,34 @@ def arch_from_hf_config(family: Family, config: dict, vocab_multiple: Optional[i
     `kv_replicas` copies of each KV head make megatron-core's query groups KV heads x kv_replicas, and
     so the valid TP sizes (and the padding) those of that many groups."""
     for refusal in family.refusals:
-        if not refusal.acceptable(config.get(refusal.key), config):
-            raise ConversionError(f"config.json {refusal.key}={config.get(refusal.key)!r}: {refusal.why}")
+        value = config.get(refusal.key)
+        try:
+            acceptable = refusal.acceptable(value, config)
+        except (TypeError, ValueError):  # e.g. a string where a number belongs
+            acceptable = False
+        if not acceptable:
+            raise ConversionError(f"config.json {refusal.key}={value!r}: {refusal.why}")
     fields = {}
     for arch_field, key in family.config.items():
         if key in config and config[key] is not None:
             fields[arch_field] = config[key]
-    fields.setdefault("num_query_groups", config["num_attention_heads"])
+    fields.setdefault("num_query_groups", fields.get("num_attention_heads"))
+    missing = [k for k in REQUIRED if fields.get(k) is None]
+    if missing:
+        raise ConversionError(f"config.json lacks {', '.join(family.config[k] for k in missing)}")
+    for arch_field, value in fields.items():
+        kind = FIELD_KINDS.get(arch_field)
+        if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConversionError(f"config.json {family.config[arch_field]}={value!r}: expected a positive integer")
+        if kind is float:
+            _number(family.config[arch_field], value)
+        if kind is bool and not isinstance(value, bool):
+            raise ConversionError(f"config.json {family.config[arch_field]}={value!r}: expected true or false")
+    if fields["num_attention_heads"] % fields["num_query_groups"]:
+        raise ConversionError(
+            f"config.json num_key_value_heads={fields['num_query_groups']} does not divide "
+            f"num_attention_heads={fields['num_attention_heads']}"
+        )
     heads_per_kv_head = fields["num_attention_heads"] // fields["num_query_groups"]
     if kv_replicas < 1 or heads_per_kv_head % kv_replicas:
         valid = [r for r in range(1, heads_per_kv_head + 1) if heads_per_kv_head % r == 0]
@@ -84,10 +145,6 @@ def arch_from_hf_config(family: Family, config: dict, vocab_multiple: Optional[i
     fields["rotary_base"], fields["rope_scaling_factor"] = rope_settings(config)
     if fields.get("kv_channels") == fields["hidden_size"] // fields["num_attention_heads"]:
         fields.pop("kv_channels")
-    missing = [k for k in ("vocab_size", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size",
-                           "max_position_embeddings") if k not in fields]
-    if missing:
-        raise ConversionError(f"config.json lacks {', '.join(family.config[k] for k in missing)}")
     vocab = fields["vocab_size"]
     padded = padded_vocab_size(vocab, max_tensor_parallel(fields["num_attention_heads"], fields["num_query_groups"]),
                                vocab_multiple)

@@ -54,7 +54,13 @@ def read_hf_config(hf_dir: Path) -> dict:
     path = Path(hf_dir) / "config.json"
     if not path.exists():
         raise ConversionError(f"{hf_dir}: no config.json (is this a Hugging Face model directory?)")
-    return json.loads(path.read_text())
+    try:
+        config = json.loads(path.read_text())
+    except ValueError as e:  # invalid JSON or text
+        raise ConversionError(f"{path}: not a JSON file ({e})") from None
+    if not isinstance(config, dict):
+        raise ConversionError(f"{path}: expected a JSON object, found {type(config).__name__}")
+    return config
 
 
 def plan(family: Family, arch: GPTArch, reader: SafetensorsReader) -> list[Step]:
@@ -72,13 +78,19 @@ def plan(family: Family, arch: GPTArch, reader: SafetensorsReader) -> list[Step]
         )
     unused = sorted(n for n in set(reader.infos) - wanted if not n.endswith(IGNORED_HF_TENSORS))
     if unused == ["lm_head.weight"] and arch.tie_embeddings:
-        if not torch.equal(reader.read("lm_head.weight"), reader.read("model.embed_tokens.weight")):
-            raise ConversionError("config ties embeddings but lm_head.weight differs from model.embed_tokens.weight")
+        # Tied: a file may still hold the output matrix; it is accepted only as an exact copy of the embedding.
+        head, embedding = reader.infos["lm_head.weight"], reader.infos["model.embed_tokens.weight"]
+        if (head.shape, head.dtype) != (embedding.shape, embedding.dtype) \
+                or not torch.equal(reader.read("lm_head.weight"), reader.read("model.embed_tokens.weight")):
+            raise ConversionError(
+                f"config.json ties embeddings (tie_word_embeddings) but lm_head.weight in {head.file.name} differs from "
+                f"model.embed_tokens.weight in {embedding.file.name} (a tied model has one matrix for both)"
+            )
         unused = []
     if unused:
         raise ConversionError(
             f"{len(unused)} checkpoint tensor(s) have no place in the model its config describes, "
-            f"e.g. {', '.join(unused[:5])}"
+            f"e.g. {', '.join(f'{n} in {reader.infos[n].file.name}' for n in unused[:5])}"
         )
     for step in steps:  # shapes, on the meta device: nothing is read
         metas = [torch.empty(reader.infos[n].shape, device="meta") for n in step.hf_names]

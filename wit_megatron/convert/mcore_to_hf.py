@@ -34,11 +34,18 @@ def convert_megatron_to_hf(megatron: Path, out: Path, force: bool = False, dry_r
     root, directory = ckpt.resolve(Path(megatron))
     out = Path(out)
     record = ckpt.read_record(root, directory)
+    where = root / ckpt.RECORD if (root / ckpt.RECORD).exists() else f"{directory} (the record in its common state)"
     hf_config = record.get("hf_config")
-    if not hf_config:
-        raise ConversionError(f"{root}: the architecture record holds no HF config.json to export with")
+    if not isinstance(hf_config, dict) or not hf_config:
+        raise ConversionError(
+            f"{where}: the architecture record has no hf_config, the HF config.json that export writes; "
+            "was the checkpoint converted from a Hugging Face model?"
+        )
     _, family = family_for(hf_config)
-    arch = GPTArch.from_dict(record["arch"])
+    try:
+        arch = GPTArch.from_dict(record["arch"])
+    except (KeyError, TypeError) as e:
+        raise ConversionError(f"{where}: the architecture record has no valid arch ({type(e).__name__}: {e})") from None
     if out.exists() and not force and not dry_run:
         raise ConversionError(f"output directory {out} exists; pass --force to replace it")
 

@@ -44,22 +44,41 @@ class TensorInfo:
 
 def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
     """Tensor infos and the `__metadata__` of one safetensors file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConversionError(f"{path}: no such safetensors file")
+    size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
         if len(raw) != 8:
             raise ConversionError(f"{path}: not a safetensors file (shorter than 8 bytes)")
         (length,) = struct.unpack("<Q", raw)
+        if length > size - 8:
+            raise ConversionError(f"{path}: corrupt safetensors header (it claims {length} bytes, the file has {size})")
         try:
             header = json.loads(f.read(length))
-        except ValueError as e:
+        except ValueError as e:  # invalid JSON or UTF-8
             raise ConversionError(f"{path}: unreadable safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise ConversionError(f"{path}: corrupt safetensors header (a JSON {type(header).__name__}, not an object)")
     metadata = header.pop("__metadata__", {}) or {}
     infos = {}
     for name, entry in header.items():
-        if entry["dtype"] not in DTYPES:
-            raise ConversionError(f"{path}: tensor {name} has unsupported dtype {entry['dtype']}")
-        begin, end = entry["data_offsets"]
-        infos[name] = TensorInfo(path, DTYPES[entry["dtype"]], tuple(entry["shape"]), 8 + length + begin, 8 + length + end)
+        try:
+            dtype, shape, (begin, end) = entry["dtype"], tuple(entry["shape"]), entry["data_offsets"]
+        except (KeyError, TypeError, ValueError):
+            raise ConversionError(f"{path}: corrupt safetensors header entry for tensor {name}: {entry!r}") from None
+        if not isinstance(dtype, str) or dtype not in DTYPES:
+            raise ConversionError(
+                f"{path}: tensor {name} has unsupported dtype {dtype} (supported: {', '.join(DTYPES)})"
+            )
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in (*shape, begin, end)) \
+                or end - begin != PlannedTensor(name, DTYPES[dtype], shape).nbytes:
+            raise ConversionError(
+                f"{path}: corrupt safetensors header entry for tensor {name}: shape {list(shape)} {dtype} "
+                f"does not fit data_offsets {[begin, end]}"
+            )
+        infos[name] = TensorInfo(path, DTYPES[dtype], shape, 8 + length + begin, 8 + length + end)
     return infos, metadata
 
 
@@ -70,7 +89,11 @@ class SafetensorsReader:
         directory = Path(directory)
         index = directory / INDEX
         if index.exists():
-            files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            try:
+                files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as e:
+                raise ConversionError(f"{index}: unreadable index, expected a JSON object with a weight_map "
+                                      f"({type(e).__name__}: {e})") from None
         else:
             files = sorted(p.name for p in directory.glob("*.safetensors"))
         if not files:
