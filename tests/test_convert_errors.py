@@ -373,7 +373,7 @@ def test_export_refuses_an_existing_output_and_prints_a_dry_run(tmp_path, capsys
     assert cli_module.megatron_to_hf(["--megatron", str(CHECKPOINT), "--out", str(tmp_path / "new"), "--dry-run"]) == 0
     mapping = capsys.readouterr().out.splitlines()
     assert len(mapping) == 1 + 4 * 6 + 1  # embedding, 6 Megatron tensors per layer, final norm (tied: no output layer)
-    assert mapping[0] == "embedding.word_embeddings.weight [256, 32] -> model.embed_tokens.weight [100, 32] (vocab pad)"
+    assert mapping[0] == "embedding.word_embeddings.weight [100, 32] -> model.embed_tokens.weight [100, 32] (vocab pad)"
     assert ("decoder.layers.self_attention.linear_qkv.weight[3] [64, 32] -> model.layers.3.self_attn.q_proj.weight "
             "[32, 32] + model.layers.3.self_attn.k_proj.weight [16, 32] + model.layers.3.self_attn.v_proj.weight "
             "[16, 32] (qkv interleave)") in mapping
