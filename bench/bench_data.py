@@ -18,6 +18,9 @@ which other jobs on a shared machine do not inflate; each the best of --repeats,
   ours, encode only, two-pass path      the same with the cut turned off: what tokenizers outside the
                                         proven family (e.g. SentencePiece/Metaspace) get
   ours, end to end, N workers           the whole tool: read JSONL, parse, encode, write .bin/.idx + report
+Chat rows (the same records as two-turn conversations with a system prompt, SmolLM2's ChatML template):
+  (c) apply_chat_template(tokenize=True)  rendering and tokenizing, batches of 64: the practical limit
+  ours, chat encode only                  wit_megatron ChatEncoder.encode: the same ids plus role labels
 Dataset rows: samples/s reading every sample of a WITDataset (sample index loaded from its cache), one core.
 """
 
@@ -38,9 +41,9 @@ import torch  # noqa: E402
 
 from tests.test_data_preprocess import humaneval  # noqa: E402  (the same real records the tests use)
 from wit_megatron.data.dataset import WITDatasetConfig, build_datasets  # noqa: E402
-from wit_megatron.data.formats import PaperRecord  # noqa: E402
+from wit_megatron.data.formats import PaperRecord, parse_record  # noqa: E402
 from wit_megatron.data.preprocess import PreprocessConfig, run  # noqa: E402
-from wit_megatron.data.tokenize import PaperEncoder  # noqa: E402
+from wit_megatron.data.tokenize import ChatEncoder, PaperEncoder  # noqa: E402
 from wit_megatron.roles import RoleWeights  # noqa: E402
 from wit_megatron.testing import smollm2  # noqa: E402
 
@@ -115,6 +118,32 @@ def preprocessing_rows(records: list[dict], workers: list[int], repeats: int) ->
         return [(name, tokens / wall, None if "workers" in name else tokens / cpu) for name, (wall, cpu) in timings.items()]
 
 
+def conversations(records: list[dict]) -> list[list[dict]]:
+    """Each record as a two-turn chat: system, the prompt, the solution, a follow-up and its answer."""
+    return [[{"role": "system", "content": "You write Python."}, {"role": "user", "content": r["prompt"]},
+             {"role": "assistant", "content": r["response"]}, {"role": "user", "content": "Explain it briefly."},
+             {"role": "assistant", "content": "It follows the docstring: " + r["prompt"][-80:]}] for r in records]
+
+
+def chat_rows(records: list[dict], repeats: int) -> list[tuple[str, float]]:
+    tokenizer = smollm2.load_tokenizer()
+    chats = conversations(records)
+    parsed = [parse_record({"messages": c}) for c in chats]
+    encoder = ChatEncoder(tokenizer)
+    tokens = sum(len(encoder.encode(r)) for r in parsed)
+
+    def limit():
+        for i in range(0, len(chats), 64):
+            tokenizer.apply_chat_template(chats[i : i + 64], tokenize=True)
+
+    def ours():
+        for record in parsed:
+            encoder.encode(record)
+
+    timings = best_of_interleaved(repeats, {"(c) apply_chat_template(tokenize=True)": limit, "ours, chat encode only": ours})
+    return [(name, tokens / wall) for name, (wall, _) in timings.items()]
+
+
 def dataset_rows(records: list[dict], seq_length: int, repeats: int) -> list[tuple[str, float, dict]]:
     torch.set_num_threads(1)
     rows = []
@@ -152,6 +181,7 @@ def main() -> None:
     records = humaneval() * args.copies
     data = dataset_rows(records, args.seq_length, args.repeats) if args.dataset else []
     pre = preprocessing_rows(records, args.workers, args.repeats)
+    chat = chat_rows(records, args.repeats)
 
     limit, cpu_limit = pre[0][1], pre[0][2]
     print(f"\npreprocessing: {len(records)} HumanEval records, SmolLM2 tokenizer, {os.cpu_count()} CPU cores on this machine")
@@ -163,6 +193,10 @@ def main() -> None:
     for name, rate, _ in pre:
         if one_worker and "end to end" in name and not name.endswith(", 1 worker"):
             print(f"{'':40s} scaling over 1 worker (wall): {rate / one_worker:.2f}x")
+    print(f"\nchat: the same records as two-turn conversations, SmolLM2's ChatML template, one core")
+    print(f"{'':40s} {'tokens/s':>12s} {'vs (c)':>8s}")
+    for name, rate in chat:
+        print(f"{name:40s} {rate:12,.0f} {rate / chat[0][1]:7.2f}x")
     if data:
         print(f"\ndataset read: one core (torch threads 1)")
         print(f"{'':40s} {'samples/s':>12s}  stats")

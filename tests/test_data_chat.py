@@ -240,3 +240,24 @@ def test_builtin_templates(tmp_path, name, case):
     ids, roles = tokens[0].tolist(), role_codes[0].tolist()
     assert ids == tokenizer.apply_chat_template(SYSTEM_TWO_TURNS, chat_template=BUILTIN_TEMPLATES[name], tokenize=True, return_dict=False)
     assert conversations[0] is SYSTEM_TWO_TURNS and runs(tokenizer, ids, roles) == expected_runs[0]
+
+
+def test_token_spans_equal_the_offset_overlap_rule():
+    """The labels' char -> token lookup (Rust encoding) equals the plain rule "tokens whose offsets
+    overlap [lo, hi)" for every span of texts with multi-byte characters (byte-level BPE, and
+    SentencePiece's byte fallback, where one character is several tokens)."""
+    import numpy as np
+
+    from wit_megatron.data.tokenize import _TokenSpans
+
+    texts = ["Hello 👋🏽 wörld — 東京 is big.\n\n  spaced   out\t", "[INST] ünïcödé 🤖🤖 [/INST] done</s>"]
+    for tokenizer in (smollm2.load_tokenizer(), mistral.load_tokenizer()):
+        for text in texts:
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
+            spans = _TokenSpans(tokenizer, text)
+            assert spans.ids.tolist() == enc["input_ids"]
+            for lo in range(len(text)):
+                for hi in range(lo + 1, len(text) + 1):
+                    overlap = np.flatnonzero((offsets[:, 0] < hi) & (offsets[:, 1] > lo))
+                    assert spans.overlapping(lo, hi) == (int(overlap[0]), int(overlap[-1]) + 1), (text, lo, hi)

@@ -13,8 +13,10 @@ characters; other tokenizers tokenize the prompt a second time, as the formula r
 Chat format (`ChatEncoder`): ids are exactly `tokenizer.apply_chat_template(messages, tokenize=True)`,
 i.e. the rendered text tokenized without added special tokens. Roles come from character spans:
     1. each message's content is located in the rendered text by rendering the conversation once more
-       with that content replaced by a unique marker: the marker's offset is where the content starts
-       (checked: the text before it and the content itself must match the real rendering);
+       with every content replaced by its own unique marker: putting the contents back at the markers
+       must rebuild the real rendering exactly. Where it does not (a template whose scaffolding depends
+       on the content), each message is probed alone: the text before its marker and the content itself
+       must match the real rendering;
     2. a token whose characters overlap an assistant content span is RESPONSE, and so is the first token
        after that span when it is a special token (the assistant's end-of-turn: <|im_end|>, <|eot_id|>, </s>);
        an assistant's `tool_calls` are located by rendering once more without them (`tool_call_span`),
@@ -211,6 +213,35 @@ class ChatEncoder:
     def content_spans(self, record: ChatRecord, text: str) -> list[Optional[tuple[int, int]]]:
         """[start, end) of each message's content in `text`, the rendered conversation (None for the
         null content of a tool-call message)."""
+        return self._spans_from_one_probe(record, text) or self._spans_message_by_message(record, text)
+
+    def _spans_from_one_probe(self, record: ChatRecord, text: str) -> Optional[list[Optional[tuple[int, int]]]]:
+        """One rendering with every content replaced by its own marker; accepted only if putting the
+        contents back where the markers are rebuilds `text` exactly (else None: render per message)."""
+        messages = record.as_dicts()
+        markers = {k: self._MARKER.format(k) for k, m in enumerate(record.messages) if m.content is not None}
+        probe = self.render([dict(m, content=markers[k]) if k in markers else m for k, m in enumerate(messages)])
+        if any(probe.count(marker) != 1 for marker in markers.values()):
+            return None
+        spans: list[Optional[tuple[int, int]]] = [None] * len(messages)
+        at_text = at_probe = 0
+        for start, k in sorted((probe.find(marker), k) for k, marker in markers.items()):
+            between = probe[at_probe:start]
+            if not text.startswith(between, at_text):
+                return None
+            at_text += len(between)
+            content = record.messages[k].content
+            for candidate in (content, content.strip()):  # .strip(): templates that trim content
+                if text.startswith(candidate, at_text):
+                    spans[k] = (at_text, at_text + len(candidate))
+                    at_text += len(candidate)
+                    break
+            else:
+                return None
+            at_probe = start + len(markers[k])
+        return spans if text[at_text:] == probe[at_probe:] else None
+
+    def _spans_message_by_message(self, record: ChatRecord, text: str) -> list[Optional[tuple[int, int]]]:
         messages = record.as_dicts()
         spans: list[Optional[tuple[int, int]]] = []
         for k, message in enumerate(messages):
@@ -257,11 +288,8 @@ class ChatEncoder:
     def encode(self, record: ChatRecord) -> Encoded:
         text = self.render(record.as_dicts())
         spans = self.content_spans(record, text)
-        enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-        ids = np.asarray(enc["input_ids"], dtype=np.int64)
-        offsets = np.asarray(enc["offset_mapping"], dtype=np.int64).reshape(-1, 2)
-        starts, ends = offsets[:, 0], offsets[:, 1]
-        roles = np.full(len(ids), Role.PROMPT, dtype=np.uint8)
+        tokens = _TokenSpans(self.tokenizer, text)
+        roles = np.full(len(tokens.ids), Role.PROMPT, dtype=np.uint8)
         # Finer prompt roles first, so that RESPONSE wins on a token that overlaps both.
         order = sorted(range(len(spans)), key=lambda k: record.messages[k].role == "assistant")
         for k in order:
@@ -270,19 +298,52 @@ class ChatEncoder:
             parts = [spans[k]]
             if message.has_tool_calls:
                 parts.append(self.tool_call_span(record, k, text))
-            parts = [p for p in parts if p is not None]
+            parts = [p for p in parts if p is not None and p[1] > p[0]]
             if not parts:
                 continue
             # One span from the content's start to the tool calls' end: the assistant writes what lies between.
-            lo, hi = min(p[0] for p in parts), max(p[1] for p in parts)
-            roles[(starts < hi) & (ends > lo)] = role
-            if role == Role.RESPONSE:
-                after = np.nonzero(starts >= hi)[0]
-                if len(after) and int(ids[after[0]]) in self.special_ids:
-                    roles[after[0]] = Role.RESPONSE  # the assistant's end-of-turn token
+            first, end = tokens.overlapping(min(p[0] for p in parts), max(p[1] for p in parts))
+            roles[first:end] = role
+            if role == Role.RESPONSE and end < len(roles) and int(tokens.ids[end]) in self.special_ids:
+                roles[end] = Role.RESPONSE  # the assistant's end-of-turn token
         if not (roles == Role.RESPONSE).any():
             raise RecordError("no_response_tokens", "no token overlaps an assistant message's content")
-        return Encoded(ids, roles)
+        return Encoded(tokens.ids, roles)
+
+
+class _TokenSpans:
+    """A text's ids (exactly `tokenizer(text, add_special_tokens=False)`) and which tokens overlap a
+    character span. Token offsets never decrease, so the overlapping tokens are one run."""
+
+    def __init__(self, tokenizer, text: str):
+        self.text = text
+        backend = _plain_call_backend(tokenizer)
+        if backend is not None:  # the Rust encoding answers char -> token without building offset arrays
+            self._encoding = backend.encode(text, add_special_tokens=False)
+            self.ids = np.array(self._encoding.ids, dtype=np.int64)
+            self._starts = self._ends = None
+        else:
+            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+            self._encoding = None
+            self.ids = np.asarray(enc["input_ids"], dtype=np.int64)
+            self._set_offsets(enc["offset_mapping"])
+
+    def _set_offsets(self, offsets) -> None:
+        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+        self._starts, self._ends = offsets[:, 0], offsets[:, 1]
+
+    def overlapping(self, lo: int, hi: int) -> tuple[int, int]:
+        """[first, end): the tokens with a character in [lo, hi) (lo < hi)."""
+        if self._encoding is not None:
+            first = self._encoding.char_to_token(lo)
+            end = self._encoding.char_to_token(hi) if hi < len(self.text) else len(self.ids)
+            if first is not None and end is not None:
+                if end < len(self.ids) and self._encoding.token_to_chars(end)[0] < hi:
+                    end += 1  # the token at hi also holds characters before it
+                return first, end
+            self._set_offsets(self._encoding.offsets)  # a character no token holds (normalizers): use offsets
+            self._encoding = None
+        return int(np.searchsorted(self._ends, lo, side="right")), int(np.searchsorted(self._starts, hi, side="left"))
 
 
 def truncation_window(roles: np.ndarray, max_length: int, policy: TruncationPolicy = "keep_response",
