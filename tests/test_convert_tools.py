@@ -9,7 +9,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.convert_models import CASES, build
+from tqdm import tqdm
+
+from tests.convert_models import CASES, build, safetensors_of
 from wit_megatron.convert.families import family_for, megatron_shapes
 from wit_megatron.convert.hf_config import arch_from_hf_config
 from wit_megatron.runtime.launch import run_distributed
@@ -60,3 +62,21 @@ def test_family_tables_match_the_model_megatron_core_builds():
     models = run_distributed("tests.scenarios.convert_cases:single_rank_models", 1, archs=archs)[0]
     assert [m["names"] for m in models] == names
     assert [m["shapes"] for m in models] == shapes
+
+
+def test_progress_bars_count_tensors_and_written_bytes(tmp_path):
+    """HF -> Megatron shows the tensors prepared and then the bytes megatron-core's writers put on disk
+    (their sum over the checkpoint's tensors); Megatron -> HF shows the tensors written."""
+    hf = ROOT / "tests/data/convert/tiny-llama-hf"
+    run = subprocess.run([sys.executable, str(ROOT / "tools/convert_hf_to_megatron.py"), "--hf", str(hf), "--out",
+                          str(tmp_path / "megatron")], capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stderr.replace("\r", "\n").splitlines()
+    tensors = [line for line in lines if line.startswith("HF -> Megatron: tensors: 100%")]
+    written = [line for line in lines if line.startswith("HF -> Megatron: writing: 100%")]
+    assert tensors and "26/26" in tensors[-1], lines[-5:]  # embedding, 4 layers x 6 tensors, final norm (tied)
+    total = tqdm.format_sizeof(sum(t.numel() * t.element_size() for t in safetensors_of(hf).values()), divisor=1024)
+    assert written and f"{total}/{total}" in written[-1], (written[-1:], total)
+    back = subprocess.run([sys.executable, str(ROOT / "tools/convert_megatron_to_hf.py"), "--megatron", str(tmp_path / "megatron"),
+                           "--out", str(tmp_path / "hf")], capture_output=True, text=True, cwd=ROOT)
+    assert back.returncode == 0 and "Megatron -> HF: 100%" in back.stderr.replace("\r", "\n"), back.stderr[-3000:]

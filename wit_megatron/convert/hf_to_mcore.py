@@ -11,12 +11,14 @@ writing and only transformed tensors (the QKV interleave, a cast, vocabulary pad
 
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 import sys
+import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Iterator, Optional
 
 import torch
 
@@ -148,7 +150,7 @@ def convert_hf_to_megatron(hf_dir: Path, out: Path, dtype: Optional[str] = None,
     from megatron.core.dist_checkpointing.mapping import ShardedTensorFactory
 
     sharded = dict(structure)  # keeps the `_extra_state` objects as megatron-core made them
-    bar = _progress(len(entries), "HF -> Megatron", progress)
+    bar = _progress(len(entries), "HF -> Megatron: tensors", progress)
     for name, key, layer, entry in entries:
         step = by_key[(key, layer)]
         tensors = [reader.read(n) for n in step.hf_names]
@@ -175,7 +177,8 @@ def convert_hf_to_megatron(hf_dir: Path, out: Path, dtype: Optional[str] = None,
     with ckpt.atomic_output_dir(out, force) as tmp:
         directory = tmp / ckpt.iteration_dir_name(None)
         directory.mkdir()
-        save_distributed_checkpoint(state, directory, writers=WRITERS)
+        with _write_progress(directory, _tensor_bytes(sharded), progress):
+            save_distributed_checkpoint(state, directory, writers=WRITERS)
         copy_assets(hf_dir, tmp / ckpt.ASSETS)
         ckpt.write_layout(tmp, None, record, None)
     return out
@@ -185,3 +188,45 @@ def _progress(total: int, desc: str, enabled: bool):
     from tqdm import tqdm
 
     return tqdm(total=total, desc=desc, unit="tensor", disable=not enabled, file=sys.stderr)
+
+
+def _tensor_bytes(sharded: dict) -> int:
+    """Bytes of tensor data the checkpoint will hold."""
+    from megatron.core.dist_checkpointing.mapping import ShardedTensor
+
+    pieces = [p for v in sharded.values() for p in (v if isinstance(v, list) else [v]) if isinstance(p, ShardedTensor)]
+    return sum(p.data.numel() * p.data.element_size() for p in pieces)
+
+
+@contextlib.contextmanager
+def _write_progress(directory: Path, total_bytes: int, enabled: bool) -> Iterator[None]:
+    """A bytes bar for megatron-core's save: its writer processes report nothing, so a thread here
+    polls the size of the checkpoint files they are writing."""
+    from tqdm import tqdm
+
+    if not enabled:
+        yield
+        return
+    bar = tqdm(total=total_bytes, desc="HF -> Megatron: writing", unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr)
+    done = threading.Event()
+
+    def poll() -> None:
+        while not done.wait(0.25):
+            try:
+                written = sum(f.stat().st_size for f in Path(directory).glob("*.distcp"))
+            except FileNotFoundError:  # a file renamed between listing and stat: count it next time
+                continue
+            bar.update(min(written, total_bytes) - bar.n)
+
+    thread = threading.Thread(target=poll, daemon=True)
+    thread.start()
+    completed = False
+    try:
+        yield
+        completed = True
+    finally:
+        done.set()
+        thread.join()
+        if completed:
+            bar.update(total_bytes - bar.n)
+        bar.close()
