@@ -7,8 +7,10 @@ the limits (`cp -r`, which copies inside the kernel with copy_file_range; `dd` t
 imports of each direction alone (its fixed cost, the same for any model size), HF -> Megatron,
 Megatron -> HF, and Megatron-Bridge's AutoBridge (bench/peer_megatron_bridge.py) when `--peer-python`
 can import it. Prints ratios: time / copy time, time / durable copy time, (time - the direction's
-imports) / durable copy time, peak RSS / model bytes (and / largest layer). Each row is the shortest
-of --repeats runs (and the largest peak RSS).
+imports) / durable copy time, peak memory / model bytes (and / largest layer), and GNU time's peak RSS
+of the largest single process. HF -> Megatron also runs with --dtype cast to the other dtype, which
+holds the cast tensors until the save. Each row is the shortest of --repeats runs (and the largest
+peak memory).
 
     python bench/bench_convert.py --gb 3 --repeats 3 --workdir /tmp/wit-bench \
         [--peer-python /work/venv312/bin/python --peer-pythonpath /work/venv312/peer-overlay]
@@ -22,6 +24,8 @@ import json
 import shutil
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -72,25 +76,59 @@ def make_checkpoint(directory: Path, gb: float, dtype: str) -> dict:
     return {"bytes": total, "layer_bytes": layer_bytes, "layers": layers}
 
 
+def tree_pss(root: int) -> tuple[int, int]:
+    """(all, anonymous) proportional set size in bytes, summed over process `root` and its
+    descendants, from /proc/PID/smaps_rollup. The rest of `all` is file-backed: pages of memory-mapped
+    files (the input model's safetensors, mapped read-only), clean page cache the kernel can reclaim."""
+    import psutil
+
+    try:
+        pids = [root] + [p.pid for p in psutil.Process(root).children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return 0, 0
+    total = anon = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                fields = dict(line.split(":", 1) for line in f if line.startswith(("Pss:", "Pss_Anon:")))
+        except (FileNotFoundError, ProcessLookupError, PermissionError):
+            continue
+        total += int(fields.get("Pss", "0 kB").split()[0]) * 1024
+        anon += int(fields.get("Pss_Anon", "0 kB").split()[0]) * 1024
+    return total, anon
+
+
 def measure(label: str, cmd: list[str], env: dict | None = None, output: Path | None = None, repeats: int = 1) -> dict:
-    """Run `cmd` `repeats` times under GNU time: the shortest wall time and the largest peak RSS (bytes)
-    of the command itself (a Python-forked child would report the parent's RSS as its floor). Before
-    each run `output` is removed and dirty pages of earlier runs are flushed, so that no run pays for
-    another's writeback. (On this VM the first write into memory not touched for a while can be several
-    times slower than the next: the shortest of a few runs is the comparable figure.)"""
-    walls, rss = [], []
+    """Run `cmd` `repeats` times under GNU time: the shortest wall time, the largest peak memory of the
+    command's process tree (`tree_pss`, sampled every 20 ms) and the largest peak RSS of its largest
+    single process (GNU time). Before each run `output` is removed and dirty pages of earlier runs are
+    flushed, so that no run pays for another's writeback. (On this VM the first write into memory not
+    touched for a while can be several times slower than the next: the shortest of a few runs is the
+    comparable figure.)"""
+    walls, peaks, anon_peaks, rss = [], [], [], []
     for _ in range(repeats):
         if output is not None:
             shutil.rmtree(output, ignore_errors=True)
         subprocess.run(["sync"], check=True)
-        proc = subprocess.run(["/usr/bin/time", "-f", "WITBENCH %e %M", *cmd], stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True, env=env)
+        proc = subprocess.Popen(["/usr/bin/time", "-f", "WITBENCH %e %M", *cmd], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.PIPE, text=True, env=env)
+        stderr: list[str] = []
+        reader = threading.Thread(target=lambda: stderr.append(proc.stderr.read()), daemon=True)
+        reader.start()
+        peak = anon_peak = 0
+        while proc.poll() is None:
+            total, anon = tree_pss(proc.pid)
+            peak, anon_peak = max(peak, total), max(anon_peak, anon)
+            time.sleep(0.02)
+        reader.join()
         if proc.returncode != 0:
-            raise SystemExit(f"{label} failed:\n{proc.stderr[-3000:]}")
-        wall, kib = proc.stderr.rsplit("WITBENCH ", 1)[1].split()
+            raise SystemExit(f"{label} failed:\n{stderr[0][-3000:]}")
+        wall, kib = stderr[0].rsplit("WITBENCH ", 1)[1].split()
         walls.append(float(wall))
+        peaks.append(peak)
+        anon_peaks.append(anon_peak)
         rss.append(int(kib) * 1024)
-    return {"label": label, "wall_s": min(walls), "peak_rss": max(rss)}
+    return {"label": label, "wall_s": min(walls), "peak_mem": max(peaks), "peak_anon": max(anon_peaks), "peak_rss": max(rss)}
 
 
 def dd_copy(source: Path, dest: Path, fsync: bool) -> list[str]:
@@ -106,7 +144,10 @@ def peer_runs(args, hf: Path, workdir: Path) -> tuple[list[dict], str]:
     env = dict(os.environ)
     if args.peer_pythonpath:
         env["PYTHONPATH"] = os.pathsep.join(p for p in (args.peer_pythonpath, env.get("PYTHONPATH")) if p)
-    check = subprocess.run([args.peer_python, script, "check"], capture_output=True, text=True, env=env)
+    try:
+        check = subprocess.run([args.peer_python, script, "check"], capture_output=True, text=True, env=env)
+    except OSError as e:
+        return [], f"peer converter (Megatron-Bridge): {args.peer_python} cannot run: {e}"
     if check.returncode != 0:
         return [], f"peer converter (Megatron-Bridge, {args.peer_python}): " + check.stderr.strip().splitlines()[-1]
     version = check.stdout.strip().splitlines()[-1]
@@ -157,6 +198,11 @@ def main() -> None:
                                         "--out", str(back)], output=back, repeats=n),
              fixed_s=imports["Megatron -> HF"]["wall_s"]),
     ]
+    cast = "bf16" if args.dtype == "float32" else "fp32"
+    runs.append(dict(measure(f"HF -> Megatron --dtype {cast}", [py, str(ROOT / "tools/convert_hf_to_megatron.py"), "--hf", str(hf),
+                                                                "--out", str(megatron), "--dtype", cast, "--force"],
+                             output=megatron, repeats=n),
+                     fixed_s=imports["HF -> Megatron"]["wall_s"], output_bytes=sizes["bytes"] * (0.5 if cast == "bf16" else 2)))
     shutil.rmtree(megatron)
     shutil.rmtree(back)
     peer, peer_line = peer_runs(args, hf, args.workdir)
@@ -165,12 +211,17 @@ def main() -> None:
     gib = 1024**3
     print(f"model: {sizes['layers']} layers, {sizes['bytes'] / gib:.2f} GiB ({args.dtype}); largest layer "
           f"{sizes['layer_bytes'] / gib:.3f} GiB; python {sys.version.split()[0]}; best of {n} runs")
-    print(f"{'run':28} {'wall s':>8} {'/copy':>7} {'/durable':>9} {'-imports /durable':>18} {'peak RSS GiB':>13} "
-          f"{'RSS/model':>10} {'RSS/layer':>10}")
+    print("peak mem: all processes of the run (summed PSS), anon: its anonymous part (the rest is memory-mapped")
+    print("file pages: clean, reclaimable page cache of the input); /model: over the model's bytes (for the cast")
+    print("row, the larger of input and output); max RSS: GNU time's, of the largest single process")
+    print(f"{'run':30} {'wall s':>8} {'/copy':>7} {'/durable':>9} {'-imports /durable':>18} {'peak mem GiB':>13} "
+          f"{'/model':>7} {'/layer':>7} {'anon GiB':>9} {'/model':>7} {'max RSS GiB':>12}")
     for r in runs:
         net = f"{(r['wall_s'] - r['fixed_s']) / durable_s:18.2f}" if "fixed_s" in r else f"{'':18}"
-        print(f"{r['label']:28} {r['wall_s']:8.2f} {r['wall_s'] / copy_s:7.2f} {r['wall_s'] / durable_s:9.2f} {net} "
-              f"{r['peak_rss'] / gib:13.2f} {r['peak_rss'] / sizes['bytes']:10.2f} {r['peak_rss'] / sizes['layer_bytes']:10.1f}")
+        model = max(sizes["bytes"], r.get("output_bytes", 0))
+        print(f"{r['label']:30} {r['wall_s']:8.2f} {r['wall_s'] / copy_s:7.2f} {r['wall_s'] / durable_s:9.2f} {net} "
+              f"{r['peak_mem'] / gib:13.2f} {r['peak_mem'] / model:7.2f} {r['peak_mem'] / sizes['layer_bytes']:7.1f} "
+              f"{r['peak_anon'] / gib:9.2f} {r['peak_anon'] / model:7.2f} {r['peak_rss'] / gib:12.2f}")
     print(peer_line)
     shutil.rmtree(args.workdir, ignore_errors=True)
 
