@@ -18,6 +18,9 @@ which other jobs on a shared machine do not inflate; each the best of --repeats,
   ours, encode only, two-pass path      the same with the cut turned off: what tokenizers outside the
                                         proven family (e.g. SentencePiece/Metaspace) get
   ours, end to end, N workers           the whole tool: read JSONL, parse, encode, write .bin/.idx + report
+SentencePiece rows (Mistral's tokenizer, from mistral-common; BOS added):
+  (a2) tokenizer(joined texts)            as (a)
+  ours, encode only                       one pass, the boundary at the token that starts at the added space
 Chat rows (the same records as two-turn conversations with a system prompt, SmolLM2's ChatML template):
   (c) apply_chat_template(tokenize=True)  rendering and tokenizing, batches of 64: the practical limit
   ours, chat encode only                  wit_megatron ChatEncoder.encode: the same ids plus role labels
@@ -45,7 +48,7 @@ from wit_megatron.data.formats import PaperRecord, parse_record  # noqa: E402
 from wit_megatron.data.preprocess import PreprocessConfig, run  # noqa: E402
 from wit_megatron.data.tokenize import ChatEncoder, PaperEncoder  # noqa: E402
 from wit_megatron.roles import RoleWeights  # noqa: E402
-from wit_megatron.testing import smollm2  # noqa: E402
+from wit_megatron.testing import mistral, smollm2  # noqa: E402
 
 
 def best_of(repeats: int, fn) -> float:
@@ -118,6 +121,26 @@ def preprocessing_rows(records: list[dict], workers: list[int], repeats: int) ->
         return [(name, tokens / wall, None if "workers" in name else tokens / cpu) for name, (wall, cpu) in timings.items()]
 
 
+def sentencepiece_rows(records: list[dict], repeats: int) -> list[tuple[str, float]]:
+    tokenizer = mistral.load_tokenizer()
+    encoder = PaperEncoder(tokenizer)
+    paper = [PaperRecord(r["prompt"], r["response"]) for r in records]
+    joined = [encoder.texts(r)[1] for r in paper]
+    tokens = sum(len(e) for e in encoder.encode_batch(paper))
+    batch = 512
+
+    def limit():
+        for i in range(0, len(joined), batch):
+            tokenizer(joined[i : i + batch])
+
+    def ours():
+        for i in range(0, len(paper), batch):
+            encoder.encode_batch(paper[i : i + batch])
+
+    timings = best_of_interleaved(repeats, {"(a2) tokenizer(joined texts)": limit, "ours, encode only": ours})
+    return [(name, tokens / wall) for name, (wall, _) in timings.items()]
+
+
 def conversations(records: list[dict]) -> list[list[dict]]:
     """Each record as a two-turn chat: system, the prompt, the solution, a follow-up and its answer."""
     return [[{"role": "system", "content": "You write Python."}, {"role": "user", "content": r["prompt"]},
@@ -181,6 +204,7 @@ def main() -> None:
     records = humaneval() * args.copies
     data = dataset_rows(records, args.seq_length, args.repeats) if args.dataset else []
     pre = preprocessing_rows(records, args.workers, args.repeats)
+    sentencepiece = sentencepiece_rows(records, args.repeats)
     chat = chat_rows(records, args.repeats)
 
     limit, cpu_limit = pre[0][1], pre[0][2]
@@ -193,6 +217,10 @@ def main() -> None:
     for name, rate, _ in pre:
         if one_worker and "end to end" in name and not name.endswith(", 1 worker"):
             print(f"{'':40s} scaling over 1 worker (wall): {rate / one_worker:.2f}x")
+    print(f"\nSentencePiece: the same records, Mistral's tokenizer, one core")
+    print(f"{'':40s} {'tokens/s':>12s} {'vs (a2)':>8s}")
+    for name, rate in sentencepiece:
+        print(f"{name:40s} {rate:12,.0f} {rate / sentencepiece[0][1]:7.2f}x")
     print(f"\nchat: the same records as two-turn conversations, SmolLM2's ChatML template, one core")
     print(f"{'':40s} {'tokens/s':>12s} {'vs (c)':>8s}")
     for name, rate in chat:

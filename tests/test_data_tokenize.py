@@ -1,7 +1,9 @@
-"""The one-pass paper-format encoder (PaperEncoder with split_at_word_gap) against the authors' two-pass
-formula, written out in tests/test_data_preprocess.authors_reference: ids = tokenizer(p + " " + r) and
-boundary = len(tokenizer(p)), on every HumanEval record, adversarial strings and seeded random text.
-The fast path is enabled only for GPT-2-style byte-level BPE; other families must keep the two passes."""
+"""The one-pass paper-format encoders against the authors' two-pass formula, written out in
+tests/test_data_preprocess.authors_reference: ids = tokenizer(p + " " + r) and boundary =
+len(tokenizer(p)), on every HumanEval record, adversarial strings and seeded random text. Two
+one-pass paths exist, each only where proven: the cut at a word gap for GPT-2-style byte-level BPE
+(SmolLM2), the boundary at the added space for SentencePiece-style BPE (Mistral); other tokenizers
+keep the two passes."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import pytest
 
 from tests.test_data_preprocess import authors_reference, humaneval
 from wit_megatron.data.formats import PaperRecord
-from wit_megatron.data.tokenize import PaperEncoder, last_word_gap, split_at_word_gap_is_exact
+from wit_megatron.data.tokenize import PaperEncoder, last_word_gap, space_boundary_is_exact, split_at_word_gap_is_exact
 from wit_megatron.testing import mistral, smollm2
 
 # Characters around which a cut could go wrong: every kind of whitespace (ASCII, Unicode White_Space,
@@ -108,7 +110,7 @@ def test_fast_path_only_where_proven():
     from tokenizers import AddedToken, Tokenizer, processors
     from transformers import PreTrainedTokenizerFast
 
-    assert not split_at_word_gap_is_exact(mistral.load_tokenizer())  # Metaspace (SentencePiece): two passes
+    assert not split_at_word_gap_is_exact(mistral.load_tokenizer())  # Metaspace (SentencePiece): the other path
     source = smollm2.load_tokenizer().backend_tokenizer.to_str()
     appends_eos = Tokenizer.from_str(source)
     appends_eos.post_processor = processors.TemplateProcessing(single="$A <|im_end|>", special_tokens=[("<|im_end|>", 2)])
@@ -121,6 +123,49 @@ def test_fast_path_only_where_proven():
 
 
 def test_two_pass_fallback_equals_the_formula_on_adversarial_text():
-    tokenizer = mistral.load_tokenizer()
+    encoder = PaperEncoder(mistral.load_tokenizer())
+    encoder.boundary_at_space = False  # the plain two passes, as tokenizers outside both families get them
     adversarial = [{"prompt": p, "response": r} for p in ADVERSARIAL_PROMPTS for r in ADVERSARIAL_RESPONSES[:6]]
+    pairs = [encoder.texts(PaperRecord(r["prompt"], r["response"])) for r in adversarial]
+    assert encoder.ids_and_boundaries(pairs) == tuple(map(list, zip(*[authors_reference(encoder.tokenizer, r) for r in adversarial])))
+
+
+def test_space_boundary_equals_the_formula_on_humaneval_and_adversarial_text():
+    """SentencePiece-style BPE (Mistral's): one pass, the boundary at the token that starts at the
+    added space; it is taken for all HumanEval prompts but two (prompts the proof leaves out)."""
+    tokenizer = mistral.load_tokenizer()
+    assert space_boundary_is_exact(tokenizer) and not split_at_word_gap_is_exact(tokenizer)
+    encoder = PaperEncoder(tokenizer)
+    records = humaneval()
+    pairs = [encoder.texts(PaperRecord(r["prompt"], r["response"])) for r in records]
+    second_pass = []
+    real_encode = encoder._encode_texts
+    encoder._encode_texts = lambda texts, **kw: second_pass.extend(texts) or real_encode(texts, **kw)
+    encoder.ids_and_boundaries(pairs)
+    assert len(second_pass) == 2 and all(p.endswith(" ") or not p for p in second_pass)
+    assert_equals_formula(tokenizer, records)
+    assert_equals_formula(tokenizer, records, append_eos=False)
+    adversarial = [{"prompt": p, "response": r} for p in ADVERSARIAL_PROMPTS for r in ADVERSARIAL_RESPONSES]
     assert_equals_formula(tokenizer, adversarial)
+    rng = random.Random(0)
+    fuzz = [{"prompt": random_text(rng, 12), "response": random_text(rng, 6) or "r"} for _ in range(3000)]
+    assert_equals_formula(tokenizer, fuzz)
+
+
+def test_space_boundary_only_where_proven():
+    """A merge across the space (a piece "s▁the") voids the proof: the check refuses it, and that
+    tokenizer's prompt tokens are indeed not a prefix of the joined ones."""
+    import json
+
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    spec = json.loads(mistral.load_tokenizer().backend_tokenizer.to_str())
+    spec["model"]["vocab"]["s▁the"] = max(spec["model"]["vocab"].values()) + 1
+    spec["model"]["merges"].insert(0, ["s", "▁the"])
+    crossing = PreTrainedTokenizerFast(tokenizer_object=Tokenizer.from_str(json.dumps(spec)), bos_token="<s>", eos_token="</s>")
+    assert not space_boundary_is_exact(crossing)
+    prompt, joined = crossing("its").input_ids, crossing("its the").input_ids
+    assert joined[: len(prompt)] != prompt
+    assert_equals_formula(crossing, [{"prompt": "its", "response": "the end"}, {"prompt": "Is this", "response": "the one?"}])
+    assert not space_boundary_is_exact(smollm2.load_tokenizer())

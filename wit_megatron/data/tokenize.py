@@ -8,7 +8,9 @@ Paper format (`PaperEncoder`), exactly the WIT authors' rule:
     roles    = PROMPT for ids[:boundary], RESPONSE for ids[boundary:]
 For GPT-2-style byte-level BPE (see `split_at_word_gap_is_exact`) the same ids and boundary come from
 one pass over the joined text cut in two at the prompt's last word gap plus the prompt's few tail
-characters; other tokenizers tokenize the prompt a second time, as the formula reads.
+characters; for SentencePiece-style BPE (see `space_boundary_is_exact`) from one pass over the joined
+text, the boundary being the token that starts at the added space; other tokenizers tokenize the
+prompt a second time, as the formula reads.
 
 Chat format (`ChatEncoder`): ids are exactly `tokenizer.apply_chat_template(messages, tokenize=True)`,
 i.e. the rendered text tokenized without added special tokens. Roles come from character spans:
@@ -123,6 +125,49 @@ def split_at_word_gap_is_exact(tokenizer) -> bool:
     return with_specials[len(with_specials) - len(plain):] == plain
 
 
+METASPACE = "\u2581"  # SentencePiece's "▁", which Metaspace puts for each space
+
+
+def space_boundary_is_exact(tokenizer) -> bool:
+    """Whether, for this tokenizer, tokenizer(p + " " + r) is tokenizer(p) followed by the tokens of
+    " " + r, for any p that is not empty and ends in neither " " nor "▁": true for SentencePiece-style
+    BPE as Llama-2's and Mistral's fast tokenizers have it (tested on Mistral's), given:
+      - no normalizer, pre-tokenizer Metaspace(split=False): the whole text (between added tokens)
+        is one word, spaces become "▁", so p's end is followed by the "▁" of the added space,
+      - a deterministic BPE without subword prefix/suffix whose merges never join a piece ending in
+        anything but "▁" to a piece starting with "▁": no token can hold p's last character and the
+        "▁" after it, and merges on either side of that point never see the other side (BPE merges
+        each adjacent pair by a fixed priority, so both sides evolve as they would alone),
+      - added tokens that cannot reach across the space: no whitespace in their content, no
+        lstrip/rstrip/single_word,
+      - special tokens added only in front of a sequence (BOS).
+    Then len(tokenizer(p).input_ids) is the index of the token that starts at the added space."""
+    from tokenizers import models, pre_tokenizers
+
+    backend = _plain_call_backend(tokenizer)
+    if backend is None or backend.normalizer is not None:
+        return False
+    pre = backend.pre_tokenizer
+    if not (isinstance(pre, pre_tokenizers.Metaspace) and pre.replacement == METASPACE and not pre.split):
+        return False
+    model = backend.model
+    if not isinstance(model, models.BPE) or model.dropout not in (None, 0.0) or model.continuing_subword_prefix or model.end_of_word_suffix:
+        return False
+    import json
+
+    merges = json.loads(backend.to_str())["model"]["merges"]
+    for merge in merges:
+        left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
+        if right.startswith(METASPACE) and not left.endswith(METASPACE):
+            return False
+    for token in backend.get_added_tokens_decoder().values():
+        if token.lstrip or token.rstrip or token.single_word or any(ch.isspace() for ch in token.content):
+            return False
+    with_specials = backend.encode("a b", add_special_tokens=True).ids
+    plain = backend.encode("a b", add_special_tokens=False).ids
+    return with_specials[len(with_specials) - len(plain):] == plain
+
+
 class PaperEncoder:
     """The WIT authors' prompt/response tokenization (see the module docstring)."""
 
@@ -133,6 +178,7 @@ class PaperEncoder:
         self.append_eos = append_eos
         self.eos_text = tokenizer.eos_token
         self.split_at_word_gap = split_at_word_gap_is_exact(tokenizer)
+        self.boundary_at_space = not self.split_at_word_gap and space_boundary_is_exact(tokenizer)
 
     def texts(self, record: PaperRecord) -> tuple[str, str]:
         """(prompt text, prompt + " " + response text) exactly as the authors build them."""
@@ -156,6 +202,8 @@ class PaperEncoder:
     def ids_and_boundaries(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[list[int]], list[int]]:
         """For (prompt, joined) texts: tokenizer(joined).input_ids and len(tokenizer(prompt).input_ids)."""
         n = len(pairs)
+        if self.boundary_at_space:
+            return self._boundaries_at_space(pairs)
         if not self.split_at_word_gap:  # the formula as it reads: two passes
             ids = self._encode_texts([p for p, _ in pairs] + [j for _, j in pairs])
             return ids[n:], [len(prompt_ids) for prompt_ids in ids[:n]]
@@ -167,6 +215,25 @@ class PaperEncoder:
                                    + [p[c:] for (p, _), c in zip(pairs, cuts)], add_special_tokens=False)
         ids = [head + tail for head, tail in zip(heads, tails[:n])]
         return ids, [len(head) + len(prompt_tail) for head, prompt_tail in zip(heads, tails[n:])]
+
+    def _boundaries_at_space(self, pairs: Sequence[tuple[str, str]]) -> tuple[list[list[int]], list[int]]:
+        """One pass (see space_boundary_is_exact): the boundary is the index of the token that starts
+        at the added space. Prompts the proof does not cover (empty, ending in " " or "▁") and any
+        token that does not start exactly there take the second pass."""
+        encodings = _plain_call_backend(self.tokenizer).encode_batch([joined for _, joined in pairs])
+        ids = [e.ids for e in encodings]
+        boundaries: list[Optional[int]] = []
+        for (prompt, _), encoding in zip(pairs, encodings):
+            at = None
+            if prompt and prompt[-1] not in (" ", METASPACE):
+                at = encoding.char_to_token(len(prompt))
+                if at is not None and encoding.token_to_chars(at)[0] != len(prompt):
+                    at = None
+            boundaries.append(at)
+        rest = [i for i, b in enumerate(boundaries) if b is None]
+        for i, prompt_ids in zip(rest, self._encode_texts([pairs[i][0] for i in rest]) if rest else []):
+            boundaries[i] = len(prompt_ids)
+        return ids, boundaries
 
     def encode_batch(self, records: Sequence[PaperRecord]) -> list[Union[Encoded, RecordError]]:
         """All prompts and joined texts of the batch in one go (see ids_and_boundaries)."""
