@@ -33,6 +33,7 @@ with the rest of the prompt's head).
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Literal, Optional, Sequence, Union
@@ -117,6 +118,12 @@ def split_at_word_gap_is_exact(tokenizer) -> bool:
         return False
     if not isinstance(backend.model, models.BPE) or backend.model.dropout not in (None, 0.0):
         return False
+    return _added_tokens_stay_put(backend)
+
+
+def _added_tokens_stay_put(backend) -> bool:
+    """Added tokens cannot straddle or reach across a cut (no whitespace in their content, no
+    lstrip/rstrip/single_word), and special tokens are added only in front of a sequence (BOS)."""
     for token in backend.get_added_tokens_decoder().values():
         if token.lstrip or token.rstrip or token.single_word or any(ch.isspace() for ch in token.content):
             return False
@@ -153,19 +160,12 @@ def space_boundary_is_exact(tokenizer) -> bool:
     model = backend.model
     if not isinstance(model, models.BPE) or model.dropout not in (None, 0.0) or model.continuing_subword_prefix or model.end_of_word_suffix:
         return False
-    import json
-
     merges = json.loads(backend.to_str())["model"]["merges"]
     for merge in merges:
         left, right = merge.split(" ", 1) if isinstance(merge, str) else merge
         if right.startswith(METASPACE) and not left.endswith(METASPACE):
             return False
-    for token in backend.get_added_tokens_decoder().values():
-        if token.lstrip or token.rstrip or token.single_word or any(ch.isspace() for ch in token.content):
-            return False
-    with_specials = backend.encode("a b", add_special_tokens=True).ids
-    plain = backend.encode("a b", add_special_tokens=False).ids
-    return with_specials[len(with_specials) - len(plain):] == plain
+    return _added_tokens_stay_put(backend)
 
 
 class PaperEncoder:
