@@ -51,6 +51,14 @@ from wit_megatron.roles import RoleWeights  # noqa: E402
 from wit_megatron.testing import mistral, smollm2  # noqa: E402
 
 
+BATCH = 512  # records per tokenizer call, as preprocessing's default chunk
+
+
+def in_batches(fn, items: list) -> None:
+    for i in range(0, len(items), BATCH):
+        fn(items[i : i + BATCH])
+
+
 def best_of(repeats: int, fn) -> float:
     """The fastest of `repeats` timed calls (seconds): the least disturbed by other load."""
     times = []
@@ -83,11 +91,10 @@ def preprocessing_rows(records: list[dict], workers: list[int], repeats: int) ->
     prompts, joined = zip(*(encoder.texts(r) for r in paper))
     prompts, joined = list(prompts), list(joined)
     tokens = sum(len(e) for e in encoder.encode_batch(paper))
-    batch = 512
+    batch = BATCH  # the authors' two passes and the end-to-end runs use it directly
 
     def tokenizer_call():
-        for i in range(0, len(joined), batch):
-            tokenizer(joined[i : i + batch])
+        in_batches(tokenizer, joined)
 
     def authors_two_pass():
         for i in range(0, len(joined), batch):
@@ -96,8 +103,7 @@ def preprocessing_rows(records: list[dict], workers: list[int], repeats: int) ->
             [[0.0] * n + [1.0] * (len(x) - n) for x, n in zip(ids, prompt_lens)]  # their weight lists
 
     def ours_encode(encoder):
-        for i in range(0, len(paper), batch):
-            encoder.encode_batch(paper[i : i + batch])
+        in_batches(encoder.encode_batch, paper)
 
     two_pass_encoder = PaperEncoder(tokenizer)
     two_pass_encoder.split_at_word_gap = False
@@ -127,17 +133,8 @@ def sentencepiece_rows(records: list[dict], repeats: int) -> list[tuple[str, flo
     paper = [PaperRecord(r["prompt"], r["response"]) for r in records]
     joined = [encoder.texts(r)[1] for r in paper]
     tokens = sum(len(e) for e in encoder.encode_batch(paper))
-    batch = 512
-
-    def limit():
-        for i in range(0, len(joined), batch):
-            tokenizer(joined[i : i + batch])
-
-    def ours():
-        for i in range(0, len(paper), batch):
-            encoder.encode_batch(paper[i : i + batch])
-
-    timings = best_of_interleaved(repeats, {"(a2) tokenizer(joined texts)": limit, "ours, encode only": ours})
+    timings = best_of_interleaved(repeats, {"(a2) tokenizer(joined texts)": lambda: in_batches(tokenizer, joined),
+                                            "ours, encode only": lambda: in_batches(encoder.encode_batch, paper)})
     return [(name, tokens / wall) for name, (wall, _) in timings.items()]
 
 
