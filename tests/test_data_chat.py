@@ -255,7 +255,7 @@ def test_token_spans_equal_the_offset_overlap_rule():
         for text in texts:
             enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
             offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
-            spans = _TokenSpans(tokenizer, text)
+            spans = _TokenSpans(tokenizer.backend_tokenizer, text)
             assert spans.ids.tolist() == enc["input_ids"]
             for lo in range(len(text)):
                 for hi in range(lo + 1, len(text) + 1):

@@ -133,6 +133,24 @@ def test_bad_files(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["obj.json", "broken.json", "data.csv", "latin1.json", "cut.jsonl.gz"])
 
 
+def test_chat_records_with_a_tokenizer_without_template_exit_2(tmp_path, capsys):
+    """A chat record for a tokenizer that has no chat template, and no --chat-template: a named input
+    error (exit 2), not a traceback, and no output files."""
+    from transformers import AutoTokenizer
+
+    tok_dir = tmp_path / "tok"
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2.tokenizer_dir()))
+    tokenizer.chat_template = None
+    tokenizer.save_pretrained(str(tok_dir))
+    (tok_dir / "chat_template.jinja").unlink(missing_ok=True)
+    path = tmp_path / "chat.jsonl"
+    path.write_text(json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}) + "\n")
+    code = main(["--input", str(path), "--output-prefix", str(tmp_path / "o"), "--tokenizer", str(tok_dir), "--no-progress"])
+    assert code == 2
+    assert "has no chat template: name one of ['chatml', 'llama3', 'mistral'] or pass a Jinja template file" in capsys.readouterr().err
+    assert not list(tmp_path.glob("o*")) and not list(tmp_path.glob(".o*"))
+
+
 def test_a_line_that_is_not_utf8_is_that_records_error(tmp_path):
     path = tmp_path / "data.jsonl"
     path.write_bytes(b"\n".join([json.dumps(GOOD).encode(), b'{"prompt": "caf\xe9", "response": "b"}', json.dumps(GOOD).encode()]) + b"\n")

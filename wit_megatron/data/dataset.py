@@ -242,7 +242,7 @@ class WITDataset(MegatronDataset):
         return index
 
     def _stats(self) -> dict:
-        sizes = np.asarray(self.record_size)[self.sample_records]
+        sizes = self.record_size[self.sample_records]
         lengths = self.data.lengths[self.indices]
         total = max(1, len(self) * self.seq_length)
         return {
@@ -251,7 +251,7 @@ class WITDataset(MegatronDataset):
             "records_per_sample": round(len(self.sample_records) / max(1, len(self)), 3),
             "padding_fraction": round(1.0 - float(sizes.sum()) / total, 6),
             "records_truncated": int((lengths > self.seq_length + 1).sum()),
-            "records_dropped_no_response": int((np.asarray(self.record_size)[self.indices] == 0).sum()),
+            "records_dropped_no_response": int((self.record_size[self.indices] == 0).sum()),
         }
 
 

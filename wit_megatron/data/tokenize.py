@@ -41,6 +41,7 @@ from typing import Literal, Optional, Sequence, Union
 import numpy as np
 
 from wit_megatron.data.formats import ChatRecord, PaperRecord, RecordError
+from wit_megatron.data.sources import InputError
 from wit_megatron.roles import Role
 
 EOS_PLACEHOLDER = "###eos_token###"  # the authors' marker for "EOS goes here" in response text
@@ -261,10 +262,13 @@ class ChatEncoder:
     def __init__(self, tokenizer, chat_template: Optional[str] = None):
         template = chat_template or getattr(tokenizer, "chat_template", None)
         if not template:
-            raise ValueError(
+            raise InputError(
                 f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: "
                 f"name one of {sorted(BUILTIN_TEMPLATES)} or pass a Jinja template file (--chat-template)"
             )
+        if _plain_call_backend(tokenizer) is None:
+            raise InputError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} is a slow (Python) tokenizer: "
+                             "chat records need a fast one, whose character offsets locate each message's tokens")
         self.tokenizer = tokenizer
         self.template = BUILTIN_TEMPLATES.get(template, template)
         self.special_ids = frozenset(tokenizer.all_special_ids) | frozenset(
@@ -355,7 +359,7 @@ class ChatEncoder:
     def encode(self, record: ChatRecord) -> Encoded:
         text = self.render(record.as_dicts())
         spans = self.content_spans(record, text)
-        tokens = _TokenSpans(self.tokenizer, text)
+        tokens = _TokenSpans(_plain_call_backend(self.tokenizer), text)
         roles = np.full(len(tokens.ids), Role.PROMPT, dtype=np.uint8)
         # Finer prompt roles first, so that RESPONSE wins on a token that overlaps both.
         order = sorted(range(len(spans)), key=lambda k: record.messages[k].role == "assistant")
@@ -379,37 +383,27 @@ class ChatEncoder:
 
 
 class _TokenSpans:
-    """A text's ids (exactly `tokenizer(text, add_special_tokens=False)`) and which tokens overlap a
-    character span. Token offsets never decrease, so the overlapping tokens are one run."""
+    """A text's ids (exactly `tokenizer(text, add_special_tokens=False)`, from the Rust backend) and
+    which tokens overlap a character span. Token offsets never decrease, so those tokens are one run."""
 
-    def __init__(self, tokenizer, text: str):
+    def __init__(self, backend, text: str):
         self.text = text
-        backend = _plain_call_backend(tokenizer)
-        if backend is not None:  # the Rust encoding answers char -> token without building offset arrays
-            self._encoding = backend.encode(text, add_special_tokens=False)
-            self.ids = np.array(self._encoding.ids, dtype=np.int64)
-            self._starts = self._ends = None
-        else:
-            enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-            self._encoding = None
-            self.ids = np.asarray(enc["input_ids"], dtype=np.int64)
-            self._set_offsets(enc["offset_mapping"])
-
-    def _set_offsets(self, offsets) -> None:
-        offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
-        self._starts, self._ends = offsets[:, 0], offsets[:, 1]
+        self._encoding = backend.encode(text, add_special_tokens=False)
+        self.ids = np.array(self._encoding.ids, dtype=np.int64)
+        self._starts = self._ends = None  # offset arrays, built only if char -> token has no answer
 
     def overlapping(self, lo: int, hi: int) -> tuple[int, int]:
         """[first, end): the tokens with a character in [lo, hi) (lo < hi)."""
-        if self._encoding is not None:
+        if self._starts is None:
             first = self._encoding.char_to_token(lo)
             end = self._encoding.char_to_token(hi) if hi < len(self.text) else len(self.ids)
             if first is not None and end is not None:
                 if end < len(self.ids) and self._encoding.token_to_chars(end)[0] < hi:
                     end += 1  # the token at hi also holds characters before it
                 return first, end
-            self._set_offsets(self._encoding.offsets)  # a character no token holds (normalizers): use offsets
-            self._encoding = None
+            # A character no token holds (a normalizer dropped it): fall back to the offsets.
+            offsets = np.asarray(self._encoding.offsets, dtype=np.int64).reshape(-1, 2)
+            self._starts, self._ends = offsets[:, 0], offsets[:, 1]
         return int(np.searchsorted(self._ends, lo, side="right")), int(np.searchsorted(self._starts, hi, side="left"))
 
 
