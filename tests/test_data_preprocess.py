@@ -14,9 +14,9 @@ import pytest
 
 from wit_megatron.data.preprocess import PreprocessConfig, run
 from wit_megatron.data.sources import InputError
-from wit_megatron.testing import mistral, smollm2
+from wit_megatron.testing import llama3, mistral, smollm2
 
-TOKENIZERS = {"smollm2": smollm2, "mistral": mistral}
+TOKENIZERS = {"smollm2": smollm2, "mistral": mistral, "llama3": llama3}
 
 
 def humaneval() -> list[dict]:
@@ -73,7 +73,7 @@ def test_paper_format_equals_the_authors_formula(tmp_path, name):
         assert ids[-1] == tokenizer.eos_token_id
         prompt = record["prompt"][:-1] if record["prompt"].endswith(" ") else record["prompt"]
         count_rule_differs += ids[:boundary] != tokenizer(prompt).input_ids
-    if name == "mistral":
+    if name in ("mistral", "llama3"):
         assert all(t[0] == tokenizer.bos_token_id for t in tokens)
     else:  # byte-level BPE: the prompt's last newline merges across the boundary on most HumanEval records
         assert count_rule_differs > 150  # 164 of 167
@@ -171,7 +171,7 @@ def reference_truncation(ids: list, roles: list, max_length: int, policy: str, k
 def test_truncation_policies(tmp_path, policy, name):
     module = TOKENIZERS[name]
     tokenizer = module.load_tokenizer()
-    keeps_bos = name == "mistral"  # SentencePiece adds <s>; SmolLM2 adds nothing (its bos_token is <|im_start|>)
+    keeps_bos = name in ("mistral", "llama3")  # both add BOS; SmolLM2 adds nothing (its bos_token is <|im_start|>)
     assert (tokenizer("a").input_ids[0] == tokenizer.bos_token_id) == keeps_bos
     records = humaneval()
     max_length = 96
