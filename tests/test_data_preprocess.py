@@ -96,6 +96,24 @@ def test_no_append_eos(tmp_path):
         assert tokens[i] == ids and roles[i] == [0] * boundary + [1] * (len(ids) - boundary)
 
 
+def cache_as_if_downloaded(records: list[dict], name: str, tmp_path: Path) -> None:
+    """Leave `records` in datasets' cache (config.HF_DATASETS_CACHE) where an earlier online
+    `load_dataset(name)` of a one-split hub dataset leaves it (NAMESPACE___NAME/default/0.0.0/HASH/
+    NAME-train.arrow + dataset_info.json), which is what datasets reads for a name when offline."""
+    import datasets
+    from datasets.data_files import DataFilesDict
+    from datasets.packaged_modules.json.json import Json
+
+    namespace, short = name.split("/")
+    source = write_jsonl(tmp_path / f"{short}-source.jsonl", records)
+    builder = Json(cache_dir=str(tmp_path / "builder"), dataset_name=short, hash="0123abcd",
+                   data_files=DataFilesDict.from_patterns({"train": [source]}))
+    builder.download_and_prepare()
+    target = Path(datasets.config.HF_DATASETS_CACHE) / f"{namespace}___{short}" / "default" / "0.0.0"
+    target.mkdir(parents=True)
+    Path(builder.cache_dir).rename(target / "0123abcd")
+
+
 def test_every_input_kind_and_worker_count_writes_the_same_bytes(tmp_path, monkeypatch):
     import datasets
 
@@ -120,22 +138,22 @@ def test_every_input_kind_and_worker_count_writes_the_same_bytes(tmp_path, monke
     with pytest.raises(InputError, match=r"saved_splits has splits \['test', 'train'\]: choose one with --split"):
         run(PreprocessConfig([str(tmp_path / "saved_splits")], str(tmp_path / "o"), tok_dir, progress=False))
 
-    load_dataset = datasets.load_dataset
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", str(tmp_path / "hf_datasets_cache"))
+    cache_as_if_downloaded(records, "someone/humaneval", tmp_path)
+    load_dataset, offline_reads = datasets.load_dataset, []
 
-    def load_dataset_offline(name, **kwargs):
-        """For the name: what `datasets` gives for a dataset in its local cache; the read must be offline-only."""
-        if name != "someone/humaneval":
-            return load_dataset(name, **kwargs)
-        assert (kwargs, datasets.config.HF_HUB_OFFLINE) == ({"split": None, "streaming": True}, True)
-        return datasets.IterableDatasetDict({"train": datasets.Dataset.from_list(records).to_iterable_dataset()})
+    def load_dataset_and_note_offline(path, **kwargs):  # the real read, noting whether it was offline-only
+        offline_reads.append((path, datasets.config.HF_HUB_OFFLINE))
+        return load_dataset(path, **kwargs)
 
-    monkeypatch.setattr(datasets, "load_dataset", load_dataset_offline)
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset_and_note_offline)
     outputs, reports = {}, {}
     for kind, paths in inputs.items():
         prefix = str(tmp_path / f"out_{kind}")
         split = "train" if kind == "saved, --split" else None
         reports[kind] = run(PreprocessConfig(paths, prefix, tok_dir, chunk_size=16, split=split, progress=False))
         outputs[kind] = prefix
+    assert [offline for path, offline in offline_reads if path == "someone/humaneval"] == [True]
     prefix = str(tmp_path / "out_workers")
     report = run(PreprocessConfig(inputs["jsonl"], prefix, tok_dir, workers=2, chunk_size=16, progress=False))
     outputs["jsonl, 2 workers"] = prefix
