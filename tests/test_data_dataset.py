@@ -207,3 +207,24 @@ def test_blend_with_weights_and_splits(humaneval_prefix, tmp_path):
     # train and valid records are disjoint (split by record)
     train_records = set(mids[0].indices.tolist())
     assert not train_records & set(valid.datasets[0].indices.tolist())
+
+
+def _mapped_files() -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {line.split(maxsplit=5)[5].strip() for line in f if len(line.split(maxsplit=5)) == 6}
+
+
+def test_mmap_bin_files_off_reads_the_data_into_memory(humaneval_prefix, tmp_path):
+    """Megatron's `mmap_bin_files=False`: no .bin is mapped, and every sample is the mapped one."""
+    prefix, _ = humaneval_prefix
+    copy = str(tmp_path / "copy")  # a prefix no earlier test has mapped
+    for suffix in ("_tokens.bin", "_tokens.idx", "_roles.bin", "_roles.idx", ".meta.json"):
+        Path(copy + suffix).write_bytes(Path(prefix + suffix).read_bytes())
+    bins = {str(Path(copy + suffix).resolve()) for suffix in ("_tokens.bin", "_roles.bin")}
+    (in_memory, _, _) = build_datasets(config(copy, tmp_path, mmap_bin_files=False), [None, None, None])
+    assert not bins & _mapped_files()
+    (mapped, _, _) = build_datasets(config(copy, tmp_path), [None, None, None])
+    assert bins <= _mapped_files()
+    assert len(in_memory) == len(mapped) > 20
+    for i in range(len(mapped)):
+        assert all(torch.equal(in_memory[i][k], mapped[i][k]) for k in mapped[i]), i

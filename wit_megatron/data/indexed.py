@@ -127,8 +127,9 @@ def write_json(path: str, obj: dict) -> None:
 class WITIndexedData:
     """The low-level dataset of one prefix: tokens and roles side by side, checked to be aligned.
 
-    `tokens` and `roles` are flat memory maps over all records (record i occupies
-    [starts[i], starts[i] + lengths[i])), which the dataset gathers from without per-record reads.
+    `tokens` and `roles` are flat arrays over all records (record i occupies [starts[i], starts[i] +
+    lengths[i])), which the dataset gathers from without per-record reads: memory maps of the .bin
+    files, or with mmap=False (Megatron's `mmap_bin_files`) their contents read into memory.
     """
 
     def __init__(self, prefix: str, mmap: bool = True):
@@ -152,8 +153,8 @@ class WITIndexedData:
         self.starts = np.zeros(len(self.lengths), dtype=np.int64)
         np.cumsum(self.lengths[:-1], out=self.starts[1:])
         total = int(self.lengths.sum())
-        self.tokens = _flat(prefix + TOKENS_SUFFIX, self.token_data.index.dtype, total)
-        self.roles = _flat(prefix + ROLES_SUFFIX, np.uint8, total)
+        self.tokens = _flat(prefix + TOKENS_SUFFIX, self.token_data.index.dtype, total, mmap)
+        self.roles = _flat(prefix + ROLES_SUFFIX, np.uint8, total, mmap)
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -164,7 +165,7 @@ class WITIndexedData:
         return self.tokens[s : s + n], self.roles[s : s + n]
 
 
-def _flat(path_prefix: str, dtype, count: int) -> np.ndarray:
+def _flat(path_prefix: str, dtype, count: int, mmap: bool) -> np.ndarray:
     from megatron.core.datasets.indexed_dataset import get_bin_path
 
     path = get_bin_path(path_prefix)
@@ -173,5 +174,7 @@ def _flat(path_prefix: str, dtype, count: int) -> np.ndarray:
         raise ValueError(f"{path} has {os.path.getsize(path)} bytes, its index describes {expected}")
     if count == 0:
         return np.zeros(0, dtype=dtype)
+    if not mmap:  # no map of the .bin, as megatron-core's file reader; the gathers need it whole in memory
+        return np.fromfile(path, dtype=dtype, count=count)
     # A plain ndarray view of the map: slicing it is several times cheaper than slicing a np.memmap.
     return np.asarray(np.memmap(path, dtype=dtype, mode="r", shape=(count,)))
