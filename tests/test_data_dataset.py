@@ -228,3 +228,37 @@ def test_mmap_bin_files_off_reads_the_data_into_memory(humaneval_prefix, tmp_pat
     assert len(in_memory) == len(mapped) > 20
     for i in range(len(mapped)):
         assert all(torch.equal(in_memory[i][k], mapped[i][k]) for k in mapped[i]), i
+
+
+@pytest.mark.parametrize("meta", ["with_uuid", "without_uuid"])
+def test_preprocessing_again_into_the_prefix_gets_a_new_index(tmp_path, meta):
+    """The cached index holds flat offsets into the .bin: a prefix preprocessed again with other records
+    (the same config, the same path) must get its own index, not the old one's offsets. A meta.json from
+    before `dataset_uuid` is told apart by the digest of the .idx files."""
+    records = humaneval()
+    prefix = str(tmp_path / "data")
+
+    def preprocess(chosen: list[dict]):
+        report = run(PreprocessConfig([write_jsonl(tmp_path / "in.jsonl", chosen)], prefix, str(smollm2.tokenizer_dir()), progress=False))
+        if meta == "without_uuid":
+            path = Path(prefix + ".meta.json")
+            path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "dataset_uuid"}))
+        return report
+
+    preprocess(records[:50])
+    (old, _, _) = build_datasets(config(prefix, tmp_path / "cache", seq_length=512), [None, None, None])
+    report = preprocess(records[50:80])
+    (new, _, _) = build_datasets(config(prefix, tmp_path / "cache", seq_length=512), [None, None, None])
+    (fresh, _, _) = build_datasets(config(prefix, tmp_path / "fresh", seq_length=512), [None, None, None])
+    assert len(new) == len(fresh) > 3
+    for i in range(len(fresh)):
+        assert all(torch.equal(new[i][k], fresh[i][k]) for k in fresh[i]), i
+    assert new.unique_description_hash != old.unique_description_hash
+    assert len(list((tmp_path / "cache").glob("*-description.txt"))) == 2  # the old index stays, unused
+    identity = new.unique_identifiers["data"]
+    assert set(identity) == {"records", "tokens", "dataset_uuid" if meta == "with_uuid" else "index_md5"}
+    assert (identity["records"], identity["tokens"]) == (30, report.tokens) and old.unique_identifiers["data"]["records"] == 50
+    preprocess(records[50:80])  # the same records once more
+    (again, _, _) = build_datasets(config(prefix, tmp_path / "cache", seq_length=512), [None, None, None])
+    # Every run writes a new uuid (a new index, however alike the data); an unchanged digest keeps the old one.
+    assert (again.unique_description_hash != new.unique_description_hash) == (meta == "with_uuid")

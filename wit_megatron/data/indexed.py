@@ -3,7 +3,8 @@
 For an output prefix P:
     P_tokens.bin/.idx   token ids (uint16 when the vocabulary fits, else int32), one sequence per record
     P_roles.bin/.idx    one uint8 role code (wit_megatron.roles.Role) per token, same sequence lengths
-    P.meta.json         tokenizer facts and preprocessing settings the dataset checks at load time
+    P.meta.json         tokenizer facts and preprocessing settings the dataset checks at load time, and
+                        `dataset_uuid`, new at every preprocessing run (it keys the dataset's index cache)
     P.report.json       what preprocessing read, wrote, skipped and why (see preprocess.Report)
 
 Both IndexedDatasets are written with megatron-core's own IndexedDatasetBuilder, so Megatron's tools
@@ -12,8 +13,10 @@ Both IndexedDatasets are written with megatron-core's own IndexedDatasetBuilder,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -81,7 +84,7 @@ class WITIndexedWriter:
         self._roles.finalize(get_idx_path(self.prefix + ROLES_SUFFIX))
         if meta is not None:
             meta = dict(meta, version=META_VERSION, vocab_size=self.vocab_size, role_codes=role_codes(),
-                        token_dtype=np.dtype(self.token_dtype).name)
+                        token_dtype=np.dtype(self.token_dtype).name, dataset_uuid=uuid.uuid4().hex)
             write_json(meta_path(self.prefix), meta)
 
 
@@ -155,6 +158,23 @@ class WITIndexedData:
         total = int(self.lengths.sum())
         self.tokens = _flat(prefix + TOKENS_SUFFIX, self.token_data.index.dtype, total, mmap)
         self.roles = _flat(prefix + ROLES_SUFFIX, np.uint8, total, mmap)
+        self.identity = {"records": len(self.lengths), "tokens": total, **self._content_id()}
+
+    def _content_id(self) -> dict[str, str]:
+        """What tells this prefix's data from other data once written there: the uuid preprocessing
+        writes into meta.json (a new one every run, so exact and free to read). A meta.json without
+        it (written before it existed) falls back to a digest of both .idx files and the meta.json,
+        which changes with any record length or preprocessing setting, though not with role codes
+        alone (hashing the .bin files would, at the cost of reading all the data)."""
+        if "dataset_uuid" in self.meta:
+            return {"dataset_uuid": self.meta["dataset_uuid"]}
+        from megatron.core.datasets.indexed_dataset import get_idx_path
+
+        digest = hashlib.md5(usedforsecurity=False)
+        for path in (get_idx_path(self.prefix + TOKENS_SUFFIX), get_idx_path(self.prefix + ROLES_SUFFIX), meta_path(self.prefix)):
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        return {"index_md5": digest.hexdigest()}
 
     def __len__(self) -> int:
         return len(self.lengths)
