@@ -207,3 +207,58 @@ def test_blend_with_weights_and_splits(humaneval_prefix, tmp_path):
     # train and valid records are disjoint (split by record)
     train_records = set(mids[0].indices.tolist())
     assert not train_records & set(valid.datasets[0].indices.tolist())
+
+
+def _mapped_files() -> set[str]:
+    with open("/proc/self/maps") as f:
+        return {line.split(maxsplit=5)[5].strip() for line in f if len(line.split(maxsplit=5)) == 6}
+
+
+def test_mmap_bin_files_off_reads_the_data_into_memory(humaneval_prefix, tmp_path):
+    """Megatron's `mmap_bin_files=False`: no .bin is mapped, and every sample is the mapped one."""
+    prefix, _ = humaneval_prefix
+    copy = str(tmp_path / "copy")  # a prefix no earlier test has mapped
+    for suffix in ("_tokens.bin", "_tokens.idx", "_roles.bin", "_roles.idx", ".meta.json"):
+        Path(copy + suffix).write_bytes(Path(prefix + suffix).read_bytes())
+    bins = {str(Path(copy + suffix).resolve()) for suffix in ("_tokens.bin", "_roles.bin")}
+    (in_memory, _, _) = build_datasets(config(copy, tmp_path, mmap_bin_files=False), [None, None, None])
+    assert not bins & _mapped_files()
+    (mapped, _, _) = build_datasets(config(copy, tmp_path), [None, None, None])
+    assert bins <= _mapped_files()
+    assert len(in_memory) == len(mapped) > 20
+    for i in range(len(mapped)):
+        assert all(torch.equal(in_memory[i][k], mapped[i][k]) for k in mapped[i]), i
+
+
+@pytest.mark.parametrize("meta", ["with_uuid", "without_uuid"])
+def test_preprocessing_again_into_the_prefix_gets_a_new_index(tmp_path, meta):
+    """The cached index holds flat offsets into the .bin: a prefix preprocessed again with other records
+    (the same config, the same path) must get its own index, not the old one's offsets. A meta.json from
+    before `dataset_uuid` is told apart by the digest of the .idx files."""
+    records = humaneval()
+    prefix = str(tmp_path / "data")
+
+    def preprocess(chosen: list[dict]):
+        report = run(PreprocessConfig([write_jsonl(tmp_path / "in.jsonl", chosen)], prefix, str(smollm2.tokenizer_dir()), progress=False))
+        if meta == "without_uuid":
+            path = Path(prefix + ".meta.json")
+            path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "dataset_uuid"}))
+        return report
+
+    preprocess(records[:50])
+    (old, _, _) = build_datasets(config(prefix, tmp_path / "cache", seq_length=512), [None, None, None])
+    report = preprocess(records[50:80])
+    (new, _, _) = build_datasets(config(prefix, tmp_path / "cache", seq_length=512), [None, None, None])
+    (fresh, _, _) = build_datasets(config(prefix, tmp_path / "fresh", seq_length=512), [None, None, None])
+    assert len(new) == len(fresh) > 3
+    for i in range(len(fresh)):
+        assert all(torch.equal(new[i][k], fresh[i][k]) for k in fresh[i]), i
+    assert new.unique_description_hash != old.unique_description_hash
+    assert len(list((tmp_path / "cache").glob("*-description.txt"))) == 2  # the old index stays, unused
+    identity = new.unique_identifiers["data"]
+    assert set(identity) == {"records", "tokens", "dataset_uuid" if meta == "with_uuid" else "index_md5"}
+    assert (identity["records"], identity["tokens"]) == (30, report.tokens) and old.unique_identifiers["data"]["records"] == 50
+    preprocess(records[50:80])  # the same records once more
+    (again, _, _) = build_datasets(config(prefix, tmp_path / "cache", seq_length=512), [None, None, None])
+    # Every run writes a new uuid (a new index, however alike the data); an unchanged digest keeps the old one.
+    assert (again.unique_description_hash != new.unique_description_hash) == (meta == "with_uuid")

@@ -22,13 +22,17 @@ needs no mask. Records longer than s + 1 tokens are cut at load time by `truncat
 (tokenize.truncation_window, the same rule as preprocessing: a leading BOS is kept, and a record left
 without a response target is dropped and counted in `stats["records_dropped_no_response"]`).
 
-Sample order is a pure function of (seed, split, sequence_length, packing, truncation, num_samples):
-the same on every run, and sample i is the same whether or not training resumed before it.
+Sample order is a pure function of (seed, split, sequence_length, packing, truncation, num_samples) and
+the data: the same on every run, and sample i is the same whether or not training resumed before it.
+The cached index is keyed by all of these, the data by WITIndexedData.identity (the uuid each
+preprocessing run writes, and the record and token counts), so a prefix preprocessed again gets a new index.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
@@ -95,6 +99,11 @@ class WITDataset(MegatronDataset):
         config: WITDatasetConfig,
     ) -> None:
         super().__init__(dataset, dataset_path, indices, num_samples, index_split, config)
+        # Megatron's key names the data by its path only, but a prefix can be preprocessed again with
+        # other records: keyed by the data's identity too, new data never reads an old index's offsets.
+        self.unique_identifiers["data"] = dataset.identity
+        self.unique_description = json.dumps(self.unique_identifiers, indent=4, default=lambda obj: obj.unique_identifiers)
+        self.unique_description_hash = hashlib.md5(self.unique_description.encode("utf-8"), usedforsecurity=False).hexdigest()
         self.data = dataset
         self.seq_length = config.sequence_length
         self.weight_of_role = np.zeros(256, dtype=np.float32)

@@ -3,7 +3,8 @@
 For an output prefix P:
     P_tokens.bin/.idx   token ids (uint16 when the vocabulary fits, else int32), one sequence per record
     P_roles.bin/.idx    one uint8 role code (wit_megatron.roles.Role) per token, same sequence lengths
-    P.meta.json         tokenizer facts and preprocessing settings the dataset checks at load time
+    P.meta.json         tokenizer facts and preprocessing settings the dataset checks at load time, and
+                        `dataset_uuid`, new at every preprocessing run (it keys the dataset's index cache)
     P.report.json       what preprocessing read, wrote, skipped and why (see preprocess.Report)
 
 Both IndexedDatasets are written with megatron-core's own IndexedDatasetBuilder, so Megatron's tools
@@ -12,8 +13,10 @@ Both IndexedDatasets are written with megatron-core's own IndexedDatasetBuilder,
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -81,7 +84,7 @@ class WITIndexedWriter:
         self._roles.finalize(get_idx_path(self.prefix + ROLES_SUFFIX))
         if meta is not None:
             meta = dict(meta, version=META_VERSION, vocab_size=self.vocab_size, role_codes=role_codes(),
-                        token_dtype=np.dtype(self.token_dtype).name)
+                        token_dtype=np.dtype(self.token_dtype).name, dataset_uuid=uuid.uuid4().hex)
             write_json(meta_path(self.prefix), meta)
 
 
@@ -127,8 +130,9 @@ def write_json(path: str, obj: dict) -> None:
 class WITIndexedData:
     """The low-level dataset of one prefix: tokens and roles side by side, checked to be aligned.
 
-    `tokens` and `roles` are flat memory maps over all records (record i occupies
-    [starts[i], starts[i] + lengths[i])), which the dataset gathers from without per-record reads.
+    `tokens` and `roles` are flat arrays over all records (record i occupies [starts[i], starts[i] +
+    lengths[i])), which the dataset gathers from without per-record reads: memory maps of the .bin
+    files, or with mmap=False (Megatron's `mmap_bin_files`) their contents read into memory.
     """
 
     def __init__(self, prefix: str, mmap: bool = True):
@@ -152,8 +156,25 @@ class WITIndexedData:
         self.starts = np.zeros(len(self.lengths), dtype=np.int64)
         np.cumsum(self.lengths[:-1], out=self.starts[1:])
         total = int(self.lengths.sum())
-        self.tokens = _flat(prefix + TOKENS_SUFFIX, self.token_data.index.dtype, total)
-        self.roles = _flat(prefix + ROLES_SUFFIX, np.uint8, total)
+        self.tokens = _flat(prefix + TOKENS_SUFFIX, self.token_data.index.dtype, total, mmap)
+        self.roles = _flat(prefix + ROLES_SUFFIX, np.uint8, total, mmap)
+        self.identity = {"records": len(self.lengths), "tokens": total, **self._content_id()}
+
+    def _content_id(self) -> dict[str, str]:
+        """What tells this prefix's data from other data once written there: the uuid preprocessing
+        writes into meta.json (a new one every run, so exact and free to read). A meta.json without
+        it (written before it existed) falls back to a digest of both .idx files and the meta.json,
+        which changes with any record length or preprocessing setting, though not with role codes
+        alone (hashing the .bin files would, at the cost of reading all the data)."""
+        if "dataset_uuid" in self.meta:
+            return {"dataset_uuid": self.meta["dataset_uuid"]}
+        from megatron.core.datasets.indexed_dataset import get_idx_path
+
+        digest = hashlib.md5(usedforsecurity=False)
+        for path in (get_idx_path(self.prefix + TOKENS_SUFFIX), get_idx_path(self.prefix + ROLES_SUFFIX), meta_path(self.prefix)):
+            with open(path, "rb") as f:
+                digest.update(f.read())
+        return {"index_md5": digest.hexdigest()}
 
     def __len__(self) -> int:
         return len(self.lengths)
@@ -164,7 +185,7 @@ class WITIndexedData:
         return self.tokens[s : s + n], self.roles[s : s + n]
 
 
-def _flat(path_prefix: str, dtype, count: int) -> np.ndarray:
+def _flat(path_prefix: str, dtype, count: int, mmap: bool) -> np.ndarray:
     from megatron.core.datasets.indexed_dataset import get_bin_path
 
     path = get_bin_path(path_prefix)
@@ -173,5 +194,7 @@ def _flat(path_prefix: str, dtype, count: int) -> np.ndarray:
         raise ValueError(f"{path} has {os.path.getsize(path)} bytes, its index describes {expected}")
     if count == 0:
         return np.zeros(0, dtype=dtype)
+    if not mmap:  # no map of the .bin, as megatron-core's file reader; the gathers need it whole in memory
+        return np.fromfile(path, dtype=dtype, count=count)
     # A plain ndarray view of the map: slicing it is several times cheaper than slicing a np.memmap.
     return np.asarray(np.memmap(path, dtype=dtype, mode="r", shape=(count,)))
