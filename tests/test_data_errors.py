@@ -39,6 +39,13 @@ CASES = [
     ("messages not a list", json.dumps({"messages": "hello"}), "bad_structure", "'messages' must be a non-empty list, got a str", {}),
     ("empty messages", json.dumps({"messages": []}), "bad_structure", "got an empty list", {}),
     ("message not an object", json.dumps({"conversations": ["hi"]}), "bad_structure", "conversations[0] is a str", {}),
+    ("system twice", json.dumps({"system": "a", "conversations": [{"from": "system", "value": "b"}, {"from": "human", "value": "c"},
+                                                                  {"from": "gpt", "value": "d"}]}),
+     "bad_structure", "record has a top-level 'system' and conversations[0] is a system message too", {}),
+    ("system not a string", json.dumps({"system": 1, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+     "not_a_string", "record's 'system' is a int", {}),
+    ("tools not a list", json.dumps({"tools": '[{"name": "f"}]', "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+     "bad_structure", "'tools' must be a list of tool definitions, got a str", {}),
     ("tool_calls not a list", json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": "f()"}]}),
      "bad_structure", "messages[1]'s 'tool_calls' must be a list on an assistant message", {}),
     ("template raises", json.dumps({"messages": [{"role": "assistant", "content": "a"}]}), "template_error", "roles must alternate",
@@ -192,3 +199,24 @@ def test_cli_exit_code_and_message(tmp_path, capsys):
     assert code == 2
     assert f"error: tokenizer '{tmp_path / 'no-tokenizer'}' cannot be loaded" in capsys.readouterr().err
     assert not list(tmp_path.glob("o2*")) and not list(tmp_path.glob(".o2*"))
+
+
+def test_ignored_keys_are_counted(tmp_path):
+    """Keys no format reads (ids, sources, ShareGPT turns' weights) are named in the report with the
+    number of written records that had them; null values hold nothing and are not counted."""
+    records = [
+        dict(GOOD, id=7, source=None),
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "id": 8, "source": "web"},
+        {"conversations": [{"from": "human", "value": "a", "weight": 0}, {"from": "gpt", "value": "b", "weight": 1}], "id": 9},
+        {"prompt": "a", "response": "b", "messages": [{"role": "user", "content": "c"}]},  # paper with --format paper
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
+    report = preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), "in-memory", progress=False))
+    assert report.records_written == 3 and report.formats == {"paper": 1, "chat": 1, "sharegpt": 1}
+    assert report.ignored_keys == {"id": 3, "source": 1, "conversations[].weight": 1}
+    assert json.loads((tmp_path / "out.report.json").read_text())["ignored_keys"] == report.ignored_keys
+    path.write_text(json.dumps(records[3]) + "\n")
+    report = preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), "in-memory", format="paper", progress=False))
+    assert (report.formats, report.ignored_keys) == ({"paper": 1}, {"messages": 1})
+
