@@ -406,7 +406,8 @@ class ChatEncoder:
             if role == Role.RESPONSE and end < len(roles) and int(tokens.ids[end]) in self.special_ids:
                 roles[end] = Role.RESPONSE  # the assistant's end-of-turn token
         if not (roles == Role.RESPONSE).any():
-            raise RecordError("no_response_tokens", "no token overlaps an assistant message's content")
+            raise RecordError("no_response_tokens", "no token overlaps an assistant message's content or tool calls "
+                                                  "(empty content, and tool calls the template does not render?)")
         return Encoded(tokens.ids, roles)
 
 
