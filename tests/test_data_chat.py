@@ -272,3 +272,96 @@ def test_token_spans_equal_the_offset_overlap_rule():
                 for hi in range(lo + 1, len(text) + 1):
                     overlap = np.flatnonzero((offsets[:, 0] < hi) & (offsets[:, 1] > lo))
                     assert spans.overlapping(lo, hi) == (int(overlap[0]), int(overlap[-1]) + 1), (text, lo, hi)
+
+
+# Qwen2.5's template as it renders tools (tool calls aside): the system prompt, or its default one,
+# then the tools' JSON schemas, in the first system turn.
+QWEN_TOOLS_TEMPLATE = (
+    "{%- if tools %}{{- '<|im_start|>system\\n' }}"
+    "{%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}"
+    "{%- else %}{{- 'You are Qwen, created by Alibaba Cloud. You are a helpful assistant.' }}{%- endif %}"
+    "{{- '\\n\\n# Tools\\n\\nYou may call one or more functions to assist with the user query.\\n\\n"
+    "You are provided with function signatures within <tools></tools> XML tags:\\n<tools>' }}"
+    "{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}"
+    "{{- '\\n</tools><|im_end|>\\n' }}"
+    "{%- elif messages[0]['role'] == 'system' %}{{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}"
+    "{%- else %}{{- '<|im_start|>system\\nYou are Qwen, created by Alibaba Cloud. You are a helpful assistant.<|im_end|>\\n' }}{%- endif %}"
+    "{%- for message in messages %}{%- if not (message.role == 'system' and loop.first) %}"
+    "{{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>\\n' }}{%- endif %}{%- endfor %}"
+)
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city.",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}]
+TOOLS_TEXT = ('\n\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are provided with function '
+              'signatures within <tools></tools> XML tags:\n<tools>\n{"type": "function", "function": {"name": "get_weather", '
+              '"description": "The weather in a city.", "parameters": {"type": "object", "properties": {"city": {"type": "string"}}}}}'
+              '\n</tools><|im_end|>\n<|im_start|>user\n')
+QUESTION = [{"from": "human", "value": "What is the capital of France?"}, {"from": "gpt", "value": "The capital of France is Paris."}]
+
+
+def test_sharegpt_top_level_system_and_tools(tmp_path):
+    """LLaMA-Factory-style ShareGPT: a top-level "system" is the conversation's system message (labelled
+    system, not replaced by the template's default), a top-level "tools" reaches the template as
+    apply_chat_template(tools=...), and the rendered tools are prompt scaffolding."""
+    tokenizer = smollm2.load_tokenizer()
+    system = "You answer in one sentence."
+    messages = [{"role": "system", "content": system}, {"role": "user", "content": QUESTION[0]["value"]},
+                {"role": "assistant", "content": QUESTION[1]["value"]}]
+    with_system = {"system": system, "conversations": QUESTION}
+    for template, record, tools, expected in (
+        (None, with_system, None, [
+            (P, "<|im_start|>system\n"), (S, system), (P, "<|im_end|>\n<|im_start|>user\n"), (U, "What is the capital of France?"),
+            (P, "<|im_end|>\n<|im_start|>assistant\n"), (R, "The capital of France is Paris.<|im_end|>"), (P, "\n")]),
+        (QWEN_TOOLS_TEMPLATE, dict(with_system, tools=TOOLS), TOOLS, [
+            (P, "<|im_start|>system\n"), (S, system), (P, TOOLS_TEXT), (U, "What is the capital of France?"),
+            (P, "<|im_end|>\n<|im_start|>assistant\n"), (R, "The capital of France is Paris.<|im_end|>"), (P, "\n")]),
+    ):
+        (written, report) = preprocess(tmp_path, tokenizer, template, [record, dict(record, conversations=None, messages=messages[1:])])
+        assert report.formats == {"sharegpt": 1, "chat": 1} and report.ignored_keys == {}
+        (ids, roles), chat = written
+        assert ids == tokenizer.apply_chat_template(messages, tools=tools, chat_template=template, tokenize=True, return_dict=False)
+        assert runs(tokenizer, ids, roles) == expected
+        assert chat == (ids, roles)  # the same top-level keys on a chat record
+
+
+def named_templates_tokenizer(templates: dict):
+    """SmolLM2's tokenizer with several named chat templates, as transformers loads a tokenizer that ships them."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2.tokenizer_dir()))
+    tokenizer.chat_template = templates
+    return tokenizer
+
+
+def test_named_chat_templates_are_chosen_as_transformers_chooses(tmp_path):
+    """A tokenizer with {"default": ..., "tool_use": ...}: "default" for records without tools,
+    "tool_use" for records with tools, and --chat-template NAME for every record; ids equal
+    apply_chat_template with the same choice. Without a "default" the run stops, naming the templates."""
+    from wit_megatron.data.sources import InputError
+
+    tokenizer = named_templates_tokenizer({"default": smollm2.load_tokenizer().chat_template, "tool_use": QWEN_TOOLS_TEMPLATE})
+    plain = [{"role": "user", "content": "Name a prime."}, {"role": "assistant", "content": "Seven."}]
+    records = [{"messages": plain}, {"messages": plain, "tools": TOOLS}]
+    for name in (None, "tool_use"):
+        data = tmp_path / "chat.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in records))
+        prefix = str(tmp_path / f"named-{name}")
+        run(PreprocessConfig([str(data)], prefix, "in-memory", chat_template=name, progress=False), tokenizer=tokenizer)
+        tokens, role_codes = IndexedDataset(prefix + "_tokens"), IndexedDataset(prefix + "_roles")
+        (no_tools, no_tools_roles), (with_tools, with_tools_roles) = [(tokens[i].tolist(), role_codes[i].tolist()) for i in range(2)]
+        assert no_tools == tokenizer.apply_chat_template(plain, chat_template=name, tokenize=True, return_dict=False)
+        assert with_tools == tokenizer.apply_chat_template(plain, tools=TOOLS, chat_template=name, tokenize=True, return_dict=False)
+        qwen_default_system = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+        tool_use_runs = [(P, "<|im_start|>system\n" + qwen_default_system + TOOLS_TEXT), (U, "Name a prime."),
+                         (P, "<|im_end|>\n<|im_start|>assistant\n"), (R, "Seven.<|im_end|>"), (P, "\n")]
+        assert runs(tokenizer, with_tools, with_tools_roles) == tool_use_runs
+        if name is None:  # SmolLM2's own template, with its default system prompt
+            assert runs(tokenizer, no_tools, no_tools_roles)[0] == (
+                P, "<|im_start|>system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n<|im_start|>user\n")
+        else:  # the tool_use template without tools
+            assert tokenizer.decode(no_tools).startswith(f"<|im_start|>system\n{qwen_default_system}<|im_end|>\n<|im_start|>user\n")
+
+    ambiguous = named_templates_tokenizer({"a": QWEN_TOOLS_TEMPLATE, "b": QWEN_TOOLS_TEMPLATE})
+    with pytest.raises(InputError, match=r"has several chat templates \['a', 'b'\] and none named 'default': choose one with --chat-template NAME"):
+        run(PreprocessConfig([str(data)], str(tmp_path / "o"), "in-memory", progress=False), tokenizer=ambiguous)
+    with pytest.raises(InputError, match=r"--chat-template 'c' is neither a file nor a built-in template .*, nor one of the tokenizer's templates \(\['a', 'b'\]\)"):
+        run(PreprocessConfig([str(data)], str(tmp_path / "o"), "in-memory", chat_template="c", progress=False), tokenizer=ambiguous)

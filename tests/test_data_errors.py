@@ -17,6 +17,7 @@ from wit_megatron.testing import smollm2
 
 GOOD = {"prompt": "Add 2 and 3.", "response": "5"}
 LONG_PROMPT = {"prompt": "word " * 200, "response": "done"}
+MERGED = {"prompt": "Hi \n  ", "response": "  x"}
 
 # (case, bad JSONL line, expected reason, text the message must contain, extra config)
 CASES = [
@@ -39,6 +40,13 @@ CASES = [
     ("messages not a list", json.dumps({"messages": "hello"}), "bad_structure", "'messages' must be a non-empty list, got a str", {}),
     ("empty messages", json.dumps({"messages": []}), "bad_structure", "got an empty list", {}),
     ("message not an object", json.dumps({"conversations": ["hi"]}), "bad_structure", "conversations[0] is a str", {}),
+    ("system twice", json.dumps({"system": "a", "conversations": [{"from": "system", "value": "b"}, {"from": "human", "value": "c"},
+                                                                  {"from": "gpt", "value": "d"}]}),
+     "bad_structure", "record has a top-level 'system' and conversations[0] is a system message too", {}),
+    ("system not a string", json.dumps({"system": 1, "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+     "not_a_string", "record's 'system' is a int", {}),
+    ("tools not a list", json.dumps({"tools": '[{"name": "f"}]', "messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+     "bad_structure", "'tools' must be a list of tool definitions, got a str", {}),
     ("tool_calls not a list", json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "tool_calls": "f()"}]}),
      "bad_structure", "messages[1]'s 'tool_calls' must be a list on an assistant message", {}),
     ("template raises", json.dumps({"messages": [{"role": "assistant", "content": "a"}]}), "template_error", "roles must alternate",
@@ -47,6 +55,15 @@ CASES = [
      "unlocatable_content", "message 0 (user): content not found", {"chat_template": "upper"}),
     ("response truncated away", json.dumps(LONG_PROMPT), "no_response_tokens", "truncation to 64 tokens (right) left no response token",
      {"max_length": 64, "truncation": "right"}),
+    # SmolLM2's own template does not render tool calls, and the content is empty: nothing is the assistant's.
+    ("unrendered tool call", json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "",
+                                                      "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": {}}}]}]}),
+     "no_response_tokens", "no token overlaps an assistant message's content or tool calls", {}),
+    # The authors' boundary rule: the response's leading spaces merge into the prompt's trailing
+    # whitespace token, so prompt + response has no more tokens than the prompt (see test below).
+    ("response merged into the prompt", json.dumps(MERGED), "no_response_tokens",
+     "the prompt alone has 3 tokens and prompt + response 3: by the authors' boundary rule no token is a response token",
+     {"append_eos": False}),
     ("one token", json.dumps({"prompt": "", "response": "a"}), "too_short", "1 token(s)", {"append_eos": False}),
 ]
 
@@ -192,3 +209,57 @@ def test_cli_exit_code_and_message(tmp_path, capsys):
     assert code == 2
     assert f"error: tokenizer '{tmp_path / 'no-tokenizer'}' cannot be loaded" in capsys.readouterr().err
     assert not list(tmp_path.glob("o2*")) and not list(tmp_path.glob(".o2*"))
+
+
+def test_the_boundary_rule_itself_can_leave_no_response_token():
+    """MERGED by the authors' formula (--no-append-eos): p = "Hi \\n " (one trailing space cut),
+    tokenizer(p) = "Hi", " \\n", " " and tokenizer(p + " " + r) = "Hi", " \\n   ", " x": as many
+    tokens, so ids[boundary:] is empty."""
+    from wit_megatron.data.formats import PaperRecord
+    from wit_megatron.data.tokenize import PaperEncoder
+
+    tokenizer = smollm2.load_tokenizer()
+    prompt = MERGED["prompt"][:-1]
+    ids = tokenizer(prompt + " " + MERGED["response"]).input_ids
+    boundary = len(tokenizer(prompt).input_ids)
+    assert [tokenizer.decode([i]) for i in ids] == ["Hi", " \n   ", " x"] and boundary == 3 == len(ids)
+    # With the EOS appended the same record keeps one response token: the EOS.
+    (encoded,) = PaperEncoder(tokenizer).encode_batch([PaperRecord(**MERGED)])
+    assert [tokenizer.decode([i]) for i in encoded.ids] == ["Hi", " \n   ", " x", "<|im_end|>"] and encoded.roles.tolist() == [0, 0, 0, 1]
+
+
+def test_ignored_keys_are_counted(tmp_path):
+    """Keys no format reads (ids, sources, ShareGPT turns' weights) are named in the report with the
+    number of written records that had them; null values hold nothing and are not counted."""
+    records = [
+        dict(GOOD, id=7, source=None),
+        {"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}], "id": 8, "source": "web"},
+        {"conversations": [{"from": "human", "value": "a", "weight": 0}, {"from": "gpt", "value": "b", "weight": 1}], "id": 9},
+        {"prompt": "a", "response": "b", "messages": [{"role": "user", "content": "c"}]},  # paper with --format paper
+    ]
+    path = tmp_path / "data.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in records[:3]))
+    report = preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), "in-memory", progress=False))
+    assert report.records_written == 3 and report.formats == {"paper": 1, "chat": 1, "sharegpt": 1}
+    assert report.ignored_keys == {"id": 3, "source": 1, "conversations[].weight": 1}
+    assert json.loads((tmp_path / "out.report.json").read_text())["ignored_keys"] == report.ignored_keys
+    path.write_text(json.dumps(records[3]) + "\n")
+    report = preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), "in-memory", format="paper", progress=False))
+    assert (report.formats, report.ignored_keys) == ({"paper": 1}, {"messages": 1})
+
+
+def test_error_locations_in_json_parquet_and_saved_datasets(tmp_path):
+    """A malformed record is named FILE[INDEX] in a .json array and NAME#row INDEX in Parquet and
+    saved `datasets` inputs (0-based, as the reader counts)."""
+    import datasets
+
+    records = [GOOD, {"prompt": "a", "response": None}, GOOD]
+    array = tmp_path / "data.json"
+    array.write_text(json.dumps(records))
+    parquet, saved = tmp_path / "data.parquet", tmp_path / "saved"
+    datasets.Dataset.from_list(records).to_parquet(str(parquet))
+    datasets.Dataset.from_list(records).save_to_disk(str(saved))
+    for path, location in ((array, f"{array}[1]"), (parquet, f"{parquet}#row 1"), (saved, f"{saved}#row 1")):
+        with pytest.raises(PreprocessError) as err:
+            preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), "in-memory", progress=False))
+        assert str(err.value).startswith(f"{location}: missing_field: record has no 'response'\n"), str(err.value)

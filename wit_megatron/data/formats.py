@@ -8,8 +8,15 @@ Chat messages reach the chat template exactly as given, every key included (`nam
 `tool_calls`, ...), so ids equal `apply_chat_template(messages)`; the role is matched case-insensitively
 only to label tokens. An assistant message with `tool_calls` may have null or no content.
 
+Top-level keys next to messages/conversations, as ShareGPT exports (LLaMA-Factory's) have them:
+    system    a string: a leading system message ("" or null: none); a conflict with a conversation
+              that starts with its own system message is a `bad_structure` error
+    tools     a list of tool definitions, passed on as apply_chat_template(messages, tools=tools)
+Every other key is ignored, and `ignored_keys` names it so the report can count it (nothing vanishes
+unseen); so are the keys of ShareGPT turns other than from/value, as "conversations[].KEY".
+
 Every record either parses or raises `RecordError` with a `reason` (the key it is counted under in the
-preprocessing report, see REASONS) and a message saying what is wrong. Extra record keys are ignored.
+preprocessing report, see REASONS) and a message saying what is wrong.
 Empty response text is an error (there would be nothing to learn); empty prompt-side text is kept,
 as the authors' code keeps an empty prompt.
 """
@@ -29,7 +36,8 @@ REASONS = {
     "unknown_format": "the record has none of the keys prompt+response, messages, conversations",
     "missing_field": "a required key is absent or null",
     "not_a_string": "a text field (or a role) is not a string",
-    "bad_structure": "messages/conversations is not a non-empty list of objects, or tool_calls is malformed",
+    "bad_structure": "messages/conversations is not a non-empty list of objects, tool_calls or tools is malformed, "
+                     "or a top-level system prompt conflicts with a leading system message",
     "unknown_role": "a message role that is not system, user, assistant or tool (or a ShareGPT alias)",
     "empty_response": "the response text (or an assistant message) is empty or whitespace only",
     "no_response": "a conversation without any assistant message",
@@ -90,6 +98,7 @@ class Message:
 @dataclass(frozen=True)
 class ChatRecord:
     messages: tuple[Message, ...]
+    tools: Optional[list] = None  # the record's top-level tools, for apply_chat_template(tools=...)
 
     def as_dicts(self) -> list[dict]:
         """The messages as `apply_chat_template` receives them."""
@@ -97,6 +106,22 @@ class ChatRecord:
 
 
 Record = Union[PaperRecord, ChatRecord]
+
+
+# The top-level keys each format reads.
+FORMAT_KEYS = {"paper": ("prompt", "response"), "chat": ("messages", "system", "tools"), "sharegpt": ("conversations", "system", "tools")}
+
+
+def ignored_keys(obj: dict, fmt: str) -> list[str]:
+    """The keys of a parsed record that format `fmt` does not read (null values hold nothing and are
+    not named): top-level keys, and for ShareGPT the keys of its turns other than from/value, as
+    "conversations[].KEY"."""
+    ignored = [key for key, value in obj.items() if key not in FORMAT_KEYS[fmt] and value is not None]
+    if fmt == "sharegpt":
+        turn_keys = {key for turn in obj["conversations"] for key, value in turn.items()
+                     if key not in ("from", "value") and value is not None}
+        ignored += [f"conversations[].{key}" for key in sorted(turn_keys)]
+    return ignored
 
 
 def detect_format(obj: dict) -> str:
@@ -170,7 +195,18 @@ def _parse_messages(obj: dict, list_key: str, role_key: str, text_key: str, role
         messages.append(Message(role, content, template_input))
     if not any(m.role == "assistant" for m in messages):
         raise RecordError("no_response", f"'{list_key}' has no assistant message ({len(messages)} messages)")
-    return ChatRecord(tuple(messages))
+    system = obj.get("system")
+    if system is not None and not isinstance(system, str):
+        raise RecordError("not_a_string", f"record's 'system' is a {type(system).__name__}, not a string")
+    if system:  # "" is no system prompt, as LLaMA-Factory reads it
+        if messages[0].role == "system":
+            raise RecordError("bad_structure", f"record has a top-level 'system' and {list_key}[0] is a system message "
+                                               "too: which one is the system prompt?")
+        messages.insert(0, Message("system", system, {"role": "system", "content": system}))
+    tools = obj.get("tools")
+    if tools is not None and not isinstance(tools, list):
+        raise RecordError("bad_structure", f"'tools' must be a list of tool definitions, got {_describe(tools)}")
+    return ChatRecord(tuple(messages), tools)
 
 
 def _describe(value: Any) -> str:

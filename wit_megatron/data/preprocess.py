@@ -29,7 +29,7 @@ from typing import Iterator, Literal, Optional, Sequence
 
 import numpy as np
 
-from wit_megatron.data.formats import FORMATS, REASONS, ChatRecord, FormatName, PaperRecord, RecordError, parse_record
+from wit_megatron.data.formats import FORMATS, REASONS, FormatName, PaperRecord, RecordError, detect_format, ignored_keys, parse_record
 from wit_megatron.data.indexed import WITIndexedWriter, publish, remove_staged, report_path, write_json
 from wit_megatron.data.sources import InputError, SourceItem, SourceStats, iter_source
 from wit_megatron.data.tokenize import (
@@ -51,7 +51,7 @@ class PreprocessConfig:
     output_prefix: str
     tokenizer: str  # a local Hugging Face tokenizer directory (or a name in the offline cache)
     format: FormatName = "auto"
-    chat_template: Optional[str] = None  # None: the tokenizer's own; a BUILTIN_TEMPLATES name; or a .jinja file
+    chat_template: Optional[str] = None  # None: the tokenizer's own; a name of one of its templates or of BUILTIN_TEMPLATES; or a .jinja file
     append_eos: bool = True
     max_length: Optional[int] = None  # tokens per record; None keeps every record whole
     truncation: TruncationPolicy = "keep_response"
@@ -86,6 +86,7 @@ class Report:
     truncated: int = 0
     blank_lines: int = 0
     formats: dict = field(default_factory=dict)  # paper/chat/sharegpt -> records written
+    ignored_keys: dict = field(default_factory=dict)  # record key the format does not read -> records written that had it
     tokens: int = 0
     tokens_by_role: dict = field(default_factory=lambda: {r.name.lower(): 0 for r in Role})
     length_histogram: dict = field(default_factory=dict)  # "<=2^k" -> records (written lengths)
@@ -101,6 +102,8 @@ class Report:
         self.tokens += n
         self.truncated += outcome.truncated
         self.formats[outcome.fmt] = self.formats.get(outcome.fmt, 0) + 1
+        for key in outcome.ignored_keys:
+            self.ignored_keys[key] = self.ignored_keys.get(key, 0) + 1
         for name, count in zip(_ROLE_NAMES, outcome.role_counts):
             self.tokens_by_role[name] += count
         key = f"<={1 << max(0, (n - 1).bit_length())}"
@@ -125,6 +128,7 @@ class _Outcome:
 
     location: str
     fmt: Optional[str] = None
+    ignored_keys: list = field(default_factory=list)  # formats.ignored_keys of the record
     encoded: Optional[Encoded] = None
     length: int = 0  # tokens written
     role_counts: tuple = ()  # tokens written per role code
@@ -144,7 +148,7 @@ class RecordEncoder:
 
     def chat(self) -> ChatEncoder:
         if self._chat is None:  # built on first chat record: paper-only runs need no template
-            self._chat = ChatEncoder(self.tokenizer, _read_template(self.config.chat_template))
+            self._chat = ChatEncoder(self.tokenizer, _read_template(self.config.chat_template, self.tokenizer))
         return self._chat
 
     def encode_chunk(self, items: list[SourceItem]) -> list[_Outcome]:
@@ -155,7 +159,8 @@ class RecordEncoder:
                 if isinstance(item.record, RecordError):
                     raise item.record
                 record = parse_record(item.record, self.config.format)
-                outcomes[i].fmt = _format_name(item.record, record)
+                fmt = detect_format(item.record) if self.config.format == "auto" else self.config.format
+                outcomes[i].fmt, outcomes[i].ignored_keys = fmt, ignored_keys(item.record, fmt)
                 if isinstance(record, PaperRecord):
                     paper.append((i, record))
                 else:
@@ -184,19 +189,18 @@ class RecordEncoder:
         outcome.role_counts = tuple(np.bincount(encoded.roles, minlength=len(Role)).tolist())
 
 
-def _format_name(raw, record) -> str:
-    if isinstance(record, PaperRecord):
-        return "paper"
-    return "sharegpt" if "conversations" in raw and "messages" not in raw else "chat"
-
-
-def _read_template(template: Optional[str]) -> Optional[str]:
-    if template is None or template in BUILTIN_TEMPLATES:
+def _read_template(template: Optional[str], tokenizer) -> Optional[str]:
+    """--chat-template as ChatEncoder takes it: None, a template name (the tokenizer's own named
+    templates first, as transformers looks names up), or a file's text."""
+    own = getattr(tokenizer, "chat_template", None)
+    named = sorted(own) if isinstance(own, dict) else []
+    if template is None or template in named or template in BUILTIN_TEMPLATES:
         return template
     if os.path.isfile(template):
         with open(template, encoding="utf-8") as f:
             return f.read()
-    raise InputError(f"--chat-template {template!r} is neither a file nor a built-in template ({sorted(BUILTIN_TEMPLATES)})")
+    theirs = f", nor one of the tokenizer's templates ({named})" if named else ""
+    raise InputError(f"--chat-template {template!r} is neither a file nor a built-in template ({sorted(BUILTIN_TEMPLATES)}){theirs}")
 
 
 def load_tokenizer(name_or_path: str):
@@ -349,7 +353,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--output-prefix", required=True, help="writes PREFIX_tokens.bin/.idx, PREFIX_roles.bin/.idx, PREFIX.meta.json, PREFIX.report.json")
     p.add_argument("--tokenizer", required=True, help="a local Hugging Face tokenizer directory")
     p.add_argument("--format", choices=FORMATS, default="auto", help="record format (default: detected per record)")
-    p.add_argument("--chat-template", default=None, help=f"Jinja template file or built-in name {sorted(BUILTIN_TEMPLATES)} (default: the tokenizer's)")
+    p.add_argument("--chat-template", default=None, help=f"Jinja template file, the name of one of the tokenizer's templates (if it has several), or built-in name "
+                   f"{sorted(BUILTIN_TEMPLATES)} (default: the tokenizer's, its 'default' one or for records with tools its 'tool_use' one)")
     p.add_argument("--no-append-eos", dest="append_eos", action="store_false", help="paper format: do not append EOS to the response")
     p.add_argument("--max-length", type=int, default=None,
                    help="truncate records to this many tokens (use the training seq length + 1); default: no truncation "

@@ -12,8 +12,10 @@ characters; for SentencePiece-style BPE (see `space_boundary_is_exact`) from one
 text, the boundary being the token that starts at the added space; other tokenizers tokenize the
 prompt a second time, as the formula reads.
 
-Chat format (`ChatEncoder`): ids are exactly `tokenizer.apply_chat_template(messages, tokenize=True)`,
-i.e. the rendered text tokenized without added special tokens. Roles come from character spans:
+Chat format (`ChatEncoder`): ids are exactly `tokenizer.apply_chat_template(messages, tools=tools,
+tokenize=True)` with the template it would choose (`ChatEncoder.template_for`), i.e. the rendered text
+tokenized without added special tokens. Roles come from character spans (rendered tools, like every
+text outside the messages' contents, are PROMPT):
     1. each message's content is located in the rendered text by rendering the conversation once more
        with every content replaced by its own unique marker: putting the contents back at the markers
        must rebuild the real rendering exactly. Where it does not (a template whose scaffolding depends
@@ -260,8 +262,23 @@ class ChatEncoder:
     _MARKER = "\u2063WIT{}\u2063"  # invisible separator: never merges with template text into a false match
 
     def __init__(self, tokenizer, chat_template: Optional[str] = None):
-        template = chat_template or getattr(tokenizer, "chat_template", None)
-        if not template:
+        """`chat_template`: None for the tokenizer's own; a name, of one of the tokenizer's named
+        templates (as transformers names them) or else of BUILTIN_TEMPLATES; or the Jinja text itself."""
+        own = getattr(tokenizer, "chat_template", None)
+        # transformers keeps the templates of a tokenizer that ships several as {name: template}.
+        self.named_templates: dict[str, str] = own if isinstance(own, dict) else {}
+        if chat_template is not None:
+            self.template: Optional[str] = self.named_templates.get(chat_template) or BUILTIN_TEMPLATES.get(chat_template, chat_template)
+        elif self.named_templates:
+            if "default" not in self.named_templates:  # transformers' get_chat_template raises here too
+                raise InputError(
+                    f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has several chat templates "
+                    f"{sorted(self.named_templates)} and none named 'default': choose one with --chat-template NAME"
+                )
+            self.template = None  # chosen per record, see template_for
+        else:
+            self.template = own
+        if not self.template and not self.named_templates:
             raise InputError(
                 f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template: "
                 f"name one of {sorted(BUILTIN_TEMPLATES)} or pass a Jinja template file (--chat-template)"
@@ -270,14 +287,25 @@ class ChatEncoder:
             raise InputError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} is a slow (Python) tokenizer: "
                              "chat records need a fast one, whose character offsets locate each message's tokens")
         self.tokenizer = tokenizer
-        self.template = BUILTIN_TEMPLATES.get(template, template)
         self.special_ids = frozenset(tokenizer.all_special_ids) | frozenset(
             i for i, t in tokenizer.added_tokens_decoder.items() if t.special
         )
 
-    def render(self, messages: list[dict]) -> str:
+    def template_for(self, record: ChatRecord) -> str:
+        """The template `apply_chat_template` would use for this record: the one chosen, else among the
+        tokenizer's named templates "tool_use" for a record with tools (if it has one), else "default"."""
+        if self.template is not None:
+            return self.template
+        if record.tools is not None and "tool_use" in self.named_templates:
+            return self.named_templates["tool_use"]
+        return self.named_templates["default"]
+
+    def render(self, record: ChatRecord, messages: Optional[list[dict]] = None) -> str:
+        """The record rendered by its template, with `messages` (default: its own) and its tools."""
+        messages = record.as_dicts() if messages is None else messages
         try:
-            return self.tokenizer.apply_chat_template(messages, chat_template=self.template, tokenize=False)
+            return self.tokenizer.apply_chat_template(messages, tools=record.tools, chat_template=self.template_for(record),
+                                                      tokenize=False)
         except Exception as e:  # jinja raise_exception(), undefined variables, ...
             raise RecordError("template_error", f"{type(e).__name__}: {e}") from None
 
@@ -291,7 +319,7 @@ class ChatEncoder:
         contents back where the markers are rebuilds `text` exactly (else None: render per message)."""
         messages = record.as_dicts()
         markers = {k: self._MARKER.format(k) for k, m in enumerate(record.messages) if m.content is not None}
-        probe = self.render([dict(m, content=markers[k]) if k in markers else m for k, m in enumerate(messages)])
+        probe = self.render(record, [dict(m, content=markers[k]) if k in markers else m for k, m in enumerate(messages)])
         if any(probe.count(marker) != 1 for marker in markers.values()):
             return None
         spans: list[Optional[tuple[int, int]]] = [None] * len(messages)
@@ -321,7 +349,7 @@ class ChatEncoder:
                 spans.append(None)
                 continue
             marker = self._MARKER.format(k)
-            probe = self.render(messages[:k] + [dict(message, content=marker)] + messages[k + 1 :])
+            probe = self.render(record, messages[:k] + [dict(message, content=marker)] + messages[k + 1 :])
             start = probe.find(marker)
             if start < 0 or probe[:start] != text[:start]:
                 raise RecordError("unlocatable_content", f"message {k} ({message['role']}): the template does not render its content verbatim")
@@ -341,7 +369,7 @@ class ChatEncoder:
         without = {key: value for key, value in messages[k].items() if key != "tool_calls"}
         if without.get("content") is None:
             without["content"] = ""
-        probe = self.render(messages[:k] + [without] + messages[k + 1 :])
+        probe = self.render(record, messages[:k] + [without] + messages[k + 1 :])
         prefix = 0
         limit = min(len(text), len(probe))
         while prefix < limit and text[prefix] == probe[prefix]:
@@ -357,7 +385,7 @@ class ChatEncoder:
         return (prefix, end) if end > prefix else None
 
     def encode(self, record: ChatRecord) -> Encoded:
-        text = self.render(record.as_dicts())
+        text = self.render(record)
         spans = self.content_spans(record, text)
         tokens = _TokenSpans(_plain_call_backend(self.tokenizer), text)
         roles = np.full(len(tokens.ids), Role.PROMPT, dtype=np.uint8)
@@ -378,7 +406,8 @@ class ChatEncoder:
             if role == Role.RESPONSE and end < len(roles) and int(tokens.ids[end]) in self.special_ids:
                 roles[end] = Role.RESPONSE  # the assistant's end-of-turn token
         if not (roles == Role.RESPONSE).any():
-            raise RecordError("no_response_tokens", "no token overlaps an assistant message's content")
+            raise RecordError("no_response_tokens", "no token overlaps an assistant message's content or tool calls "
+                                                  "(empty content, and tool calls the template does not render?)")
         return Encoded(tokens.ids, roles)
 
 
