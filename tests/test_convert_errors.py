@@ -217,6 +217,19 @@ def test_impossible_layouts_name_the_valid_sizes(tiny):
         check_layout(arch, ParallelLayout(pp=3))
     with pytest.raises(LayoutError, match=r"4 layers cannot be split into pp\*vpp = 8 stages; valid pp\*vpp: \[1, 2, 4\]"):
         check_layout(arch, ParallelLayout(pp=2, vpp=4))
+    # TP 4 divides the 8 heads and 4 KV heads but not the MLP's 6 intermediate rows: megatron-core's
+    # divide() would assert while building the model.
+    odd_mlp = arch_from_hf_config(llama, dict(config, num_attention_heads=8, num_key_value_heads=4, intermediate_size=6))
+    with pytest.raises(LayoutError, match=r"^tensor-parallel size 4 does not divide ffn_hidden_size 6 \(the MLP's intermediate "
+                       r"size\); valid sizes: \[1, 2\] \(those dividing the 8 attention heads, 4 KV heads and ffn_hidden_size 6\)$"):
+        check_layout(odd_mlp, ParallelLayout(tp=4))
+    # Where the heads are in the way too, no number of KV-head copies helps while the MLP does not split.
+    with pytest.raises(LayoutError, match=r"^tensor-parallel size 4 does not divide the 4 attention heads and 1 KV heads; "
+                       r"valid sizes: \[1\]$"):
+        check_layout(arch_from_hf_config(llama, dict(config, num_key_value_heads=1, intermediate_size=6)), ParallelLayout(tp=4))
+    # The vocabulary is padded for the valid sizes only: TP 2 at most, so 101 rows become 102, not 104.
+    assert arch_from_hf_config(llama, dict(config, vocab_size=101, num_attention_heads=8, num_key_value_heads=4,
+                                           intermediate_size=6)).vocab_size == 102
 
 
 def test_hf_directory_without_config_or_weights(tiny, tmp_path, capsys):
