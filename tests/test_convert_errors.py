@@ -4,6 +4,7 @@ exit 2 and leave no output behind; a dry run prints the mapping and writes nothi
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -70,12 +71,16 @@ def test_unknown_architecture_names_the_supported_ones(tiny, tmp_path):
 
 
 def test_shapes_that_do_not_match_the_config(tiny, tmp_path):
+    dims = "vocab_size=100, hidden_size=32, num_attention_heads=4, num_key_value_heads={kv}, head_dim=8, intermediate_size={ffn}"
     hf = edited_copy(tiny, tmp_path / "ffn", intermediate_size=64)
-    with pytest.raises(ConversionError, match=r"shape mismatch for decoder.layers.mlp.linear_fc1.weight\[0\] from "
-                       r"model.layers.0.mlp.gate_proj.weight \(48, 32\) in model.safetensors.*intermediate_size=64"):
+    with pytest.raises(ConversionError, match=re.escape(
+            "model.layers.0.mlp.gate_proj.weight in model.safetensors has shape (48, 32); config.json implies (64, 32) "
+            f"({dims.format(kv=2, ffn=64)})")):
         convert_hf_to_megatron(hf, tmp_path / "out")
     hf = edited_copy(tiny, tmp_path / "heads", num_key_value_heads=4)
-    with pytest.raises(ConversionError, match=r"linear_qkv.weight\[0\].*k projection has 16 rows, config says 4 heads x head dim 8"):
+    with pytest.raises(ConversionError, match=re.escape(
+            "model.layers.0.self_attn.k_proj.weight in model.safetensors has shape (16, 32); config.json implies (32, 32) "
+            f"({dims.format(kv=4, ffn=48)})")):
         convert_hf_to_megatron(hf, tmp_path / "out")
     hf = edited_copy(tiny, tmp_path / "layers", num_hidden_layers=5)
     with pytest.raises(ConversionError, match=r"lacks \d+ tensor\(s\) its config requires, e.g. model.layers.4"):
@@ -83,6 +88,55 @@ def test_shapes_that_do_not_match_the_config(tiny, tmp_path):
     hf = edited_copy(tiny, tmp_path / "untied", tie_word_embeddings=False)
     with pytest.raises(ConversionError, match=r"lacks 1 tensor\(s\).*lm_head.weight"):
         convert_hf_to_megatron(hf, tmp_path / "out")
+
+
+def with_tensors(src: Path, dst: Path, **replaced: torch.Tensor) -> Path:
+    """A copy of the HF model `src` whose model.safetensors has the `replaced` tensors (dots as "__")."""
+    from safetensors.torch import load_file, save_file
+
+    dst = edited_copy(src, dst)
+    tensors = load_file(src / "model.safetensors")
+    tensors.update({name.replace("__", "."): tensor for name, tensor in replaced.items()})
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_every_hf_tensor_shape_is_checked_before_anything_is_written(tiny, tmp_path, capsys, dry_run):
+    """Tensors passed through unchanged (norms, o_proj) were checked only by megatron-core's save (naming
+    the Megatron key alone), and a dry run accepted them."""
+    out = tmp_path / "out"
+    args = ["--out", str(out)] + (["--dry-run"] if dry_run else [])
+    norm = with_tensors(tiny, tmp_path / "norm", model__layers__2__post_attention_layernorm__weight=torch.ones(31))
+    assert cli_module.hf_to_megatron(["--hf", str(norm), *args]) == 2
+    assert capsys.readouterr().err == (
+        "error: model.layers.2.post_attention_layernorm.weight in model.safetensors has shape (31,); config.json implies "
+        "(32,) (vocab_size=100, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, "
+        "intermediate_size=48)\n")
+    o_proj = with_tensors(tiny, tmp_path / "o_proj", model__layers__0__self_attn__o_proj__weight=torch.zeros(32, 16))
+    assert cli_module.hf_to_megatron(["--hf", str(o_proj), *args]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: model.layers.0.self_attn.o_proj.weight in model.safetensors has shape (32, 16); config.json implies (32, 32) (")
+    embedding = with_tensors(tiny, tmp_path / "embedding", model__embed_tokens__weight=torch.zeros(100, 31))
+    assert cli_module.hf_to_megatron(["--hf", str(embedding), *args]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: model.embed_tokens.weight in model.safetensors has shape (100, 31); config.json implies (100, 32) (")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embedding", "norm", "o_proj"]
+
+
+def test_sources_of_one_checkpoint_tensor_must_share_a_dtype(tiny, tmp_path, capsys):
+    """q, k and v become one tensor: concatenating a bfloat16 q with float32 k and v would promote it silently."""
+    from safetensors.torch import load_file
+
+    q = load_file(tiny / "model.safetensors")["model.layers.1.self_attn.q_proj.weight"]
+    hf = with_tensors(tiny, tmp_path / "hf", model__layers__1__self_attn__q_proj__weight=q.to(torch.bfloat16))
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(tmp_path / "out")) == (
+        "decoder.layers.self_attention.linear_qkv.weight[1] is made of HF tensors of different dtypes "
+        "(model.layers.1.self_attn.q_proj.weight bfloat16 in model.safetensors, model.layers.1.self_attn.k_proj.weight "
+        "float32 in model.safetensors, model.layers.1.self_attn.v_proj.weight float32 in model.safetensors); a checkpoint "
+        "tensor has one dtype: pass --dtype to cast them all")
+    assert cli_module.hf_to_megatron(["--hf", str(hf), "--out", str(tmp_path / "out"), "--dtype", "fp32", "--dry-run"]) == 0
+    assert not (tmp_path / "out").exists()
 
 
 def test_unrepresentable_configs_are_refused():

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from wit_megatron.convert import checkpoint as ckpt
-from wit_megatron.convert.families import Family, Rule, family_for, megatron_shapes
+from wit_megatron.convert.families import Family, Rule, family_for, hf_shapes, megatron_shapes
 from wit_megatron.convert.safetensors_io import PlannedTensor, StreamingSafetensorsWriter
 from wit_megatron.convert.torch_dist_reader import TorchDistReader
 from wit_megatron.convert.transforms import ConversionError
@@ -131,9 +131,9 @@ def plan(directory: Path, family: Family, arch: GPTArch, stored: dict) -> list[l
                 f"{directory}: {key} has shape {tuple(stored[key].size)}, the recorded architecture needs {expected}"
             )
         dtype = stored[key].properties.dtype
-        hf_shapes = [t.shape for t in rule.transform.to_hf(torch.empty(shapes[key], dtype=dtype, device="meta"), arch)]
+        shapes_of_hf = hf_shapes(rule, arch)
         for layer in range(arch.num_layers) if rule.per_layer else [None]:
-            planned = [PlannedTensor(n, dtype, tuple(s)) for n, s in zip(rule.hf_names(layer), hf_shapes)]
+            planned = [PlannedTensor(n, dtype, s) for n, s in zip(rule.hf_names(layer), shapes_of_hf)]
             group = layer if rule.per_layer else ("head" if index < first_layer_rule else "tail")
             groups[group].append(Item(rule, layer, shapes[key], dtype, planned))
     return [group for group in groups.values() if group]
