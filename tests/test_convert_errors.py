@@ -404,6 +404,27 @@ def test_megatron_side_errors(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_refuses_stored_tensors_the_record_has_no_place_for(tmp_path, capsys):
+    """A Qwen3 checkpoint whose record says no qk-norm: export used to write the model without the
+    stored q/k norms."""
+    case = dict(hf=str(build("qwen3_qk_norm", tmp_path / "hf")), megatron=str(tmp_path / "megatron"),
+                back=str(tmp_path / "back"))
+    (result,) = run_distributed("tests.scenarios.convert_cases:round_trips", 1, cases=[case])[0]
+    assert result["error"] is None, result["error"]
+    checkpoint = Path(case["megatron"])
+    record = json.loads((checkpoint / "wit_megatron.json").read_text())
+    record["arch"]["qk_layernorm"] = False
+    (checkpoint / "wit_megatron.json").write_text(json.dumps(record))
+    capsys.readouterr()  # transformers' save progress
+    for args in ([], ["--dry-run"]):
+        assert cli_module.megatron_to_hf(["--megatron", str(checkpoint), "--out", str(tmp_path / "out"), *args]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {checkpoint / 'release'}: the checkpoint holds 2 tensor(s) the recorded architecture has no place for: "
+            "decoder.layers.self_attention.k_layernorm.weight, decoder.layers.self_attention.q_layernorm.weight "
+            "(its record describes a different model?)\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_megatron_checkpoint_without_its_record_or_hf_config(tmp_path, capsys):
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(CHECKPOINT, checkpoint)

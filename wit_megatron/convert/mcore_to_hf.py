@@ -115,10 +115,16 @@ class Item:
 def plan(directory: Path, family: Family, arch: GPTArch, stored: dict) -> list[list[Item]]:
     """Every output tensor's name, dtype and shape, grouped as they are read: the tensors before the
     layers (embedding), one group per layer, the tensors after (final norm, output layer). Planned from
-    the checkpoint's metadata and the record alone (no model is built); the stored shapes must be the
-    ones the recorded architecture gives."""
+    the checkpoint's metadata and the record alone (no model is built); the stored tensors must be
+    exactly the ones the recorded architecture gives, with its shapes."""
     shapes = megatron_shapes(arch)
     rules = family.rules_for(arch)
+    unclaimed = sorted(set(stored) - {rule.megatron for rule in rules})
+    if unclaimed:  # exporting without them would silently drop weights the model was trained with
+        raise ConversionError(
+            f"{directory}: the checkpoint holds {len(unclaimed)} tensor(s) the recorded architecture has no place for: "
+            f"{', '.join(unclaimed)} (its record describes a different model?)"
+        )
     first_layer_rule = next(i for i, r in enumerate(rules) if r.per_layer)
     groups: dict[object, list[Item]] = {"head": [], **{layer: [] for layer in range(arch.num_layers)}, "tail": []}
     for index, rule in enumerate(rules):
