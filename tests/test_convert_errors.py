@@ -503,6 +503,29 @@ def test_export_failure_leaves_nothing_and_force_replaces_only_when_complete(tmp
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
+def test_force_puts_the_old_output_back_if_the_new_one_cannot_take_its_place(tmp_path, monkeypatch):
+    """The old output is moved aside before the new one is renamed into place; that rename failing
+    left it stranded in .out.old-*."""
+    from wit_megatron.convert import checkpoint as ckpt
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("old")
+    real_rename = ckpt.os.rename
+
+    def rename(src, dst):
+        if Path(dst) == out and Path(src).name.startswith(".out.tmp-"):
+            raise OSError("rename failed")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        with ckpt.atomic_output_dir(out, force=True) as tmp:
+            (tmp / "new").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no .out.tmp-* or .out.old-* left
+    assert [p.name for p in out.iterdir()] == ["keep"] and (out / "keep").read_text() == "old"
+
+
 def test_cli_refuses_existing_output_and_prints_a_dry_run(tiny, tmp_path):
     existing = tmp_path / "existing"
     existing.mkdir()

@@ -259,16 +259,31 @@ def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
         yield tmp
         _sync_tree(tmp)  # durable before it is renamed into place: a crash cannot leave a complete-looking `out`
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
+            _replace_dir(tmp, out)
         else:
             os.rename(tmp, out)
         _fsync(out.parent)  # the rename itself
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Rename `new` over the existing directory `out`: the old one is moved aside first (a directory
+    cannot be renamed over a non-empty one) and put back if `new` cannot take its place."""
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    try:
+        os.rename(out, old / out.name)
+    except BaseException:
+        old.rmdir()
+        raise
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old / out.name, out)
+        old.rmdir()
+        raise
+    shutil.rmtree(old)
 
 
 def _replace_file(path: Path, text: str) -> None:
