@@ -526,6 +526,24 @@ def test_force_puts_the_old_output_back_if_the_new_one_cannot_take_its_place(tmp
     assert [p.name for p in out.iterdir()] == ["keep"] and (out / "keep").read_text() == "old"
 
 
+def test_a_conversion_leaves_nothing_in_the_temp_dir(tiny, tmp_path):
+    """The single-process group was set up through a file store: a wit-convert-store-* file in the temp
+    dir per conversion. Listed in the converting process, before its exit could remove anything."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    script = f"""
+import os, tempfile
+from wit_megatron.convert.hf_to_mcore import convert_hf_to_megatron
+tempfile.tempdir = {str(temp)!r}
+convert_hf_to_megatron({str(tiny)!r}, {str(tmp_path / "out")!r}, progress=False)
+print(sorted(os.listdir(tempfile.tempdir)))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "out" / "latest_checkpointed_iteration.txt").read_text() == "release"
+
+
 def test_cli_refuses_existing_output_and_prints_a_dry_run(tiny, tmp_path):
     existing = tmp_path / "existing"
     existing.mkdir()

@@ -135,8 +135,8 @@ def ensure_single_process() -> None:
 
     if not torch.distributed.is_initialized():
         cpu.enable()
-        store = tempfile.NamedTemporaryFile(prefix="wit-convert-store-", delete=False).name
-        torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        # An in-memory store: one process needs no rendezvous, and a file store left a file in the temp dir.
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     if torch.distributed.get_world_size() != 1:
         raise ConversionError("conversion runs in a single process; launch it without torchrun")
     if not parallel_state.model_parallel_is_initialized() or parallel_state.get_tensor_model_parallel_world_size() != 1 \
