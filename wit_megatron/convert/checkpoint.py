@@ -99,8 +99,10 @@ def read_record(root: Path, iteration_dir: Path) -> dict:
     return json.loads(common["wit_megatron"])
 
 
-def megatron_lm_args(arch: GPTArch, dtype: torch.dtype) -> argparse.Namespace:
-    """The `args` Megatron-LM stores in a checkpoint (read by `--use-checkpoint-args`)."""
+def megatron_lm_args(arch: GPTArch, dtype: torch.dtype, layout: ParallelLayout = ParallelLayout(),
+                     world_size: int = 1) -> argparse.Namespace:
+    """The `args` Megatron-LM stores in a checkpoint (read by `--use-checkpoint-args`): the layout is the
+    one the checkpoint was saved at (a converted checkpoint: one rank)."""
     return argparse.Namespace(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=arch.num_attention_heads, group_query_attention=arch.num_query_groups != arch.num_attention_heads,
@@ -111,15 +113,17 @@ def megatron_lm_args(arch: GPTArch, dtype: torch.dtype) -> argparse.Namespace:
         normalization="RMSNorm", norm_epsilon=arch.norm_epsilon, swiglu=True,
         untie_embeddings_and_output_weights=not arch.tie_embeddings, add_qkv_bias=arch.add_qkv_bias or arch.add_bias_linear,
         add_bias_linear=arch.add_bias_linear, qk_layernorm=arch.qk_layernorm,
-        padded_vocab_size=arch.vocab_size, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        virtual_pipeline_model_parallel_size=None, world_size=1, data_parallel_size=1, ckpt_format="torch_dist",
+        padded_vocab_size=arch.vocab_size, tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp, context_parallel_size=layout.cp, world_size=world_size,
+        data_parallel_size=layout.data_parallel_size(world_size), ckpt_format="torch_dist",
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
     )
 
 
-def common_state(record: dict, arch: GPTArch, dtype: torch.dtype, iteration: Optional[int]) -> dict:
+def common_state(record: dict, arch: GPTArch, dtype: torch.dtype, iteration: Optional[int],
+                 layout: ParallelLayout = ParallelLayout(), world_size: int = 1) -> dict:
     return {
-        "args": megatron_lm_args(arch, dtype),
+        "args": megatron_lm_args(arch, dtype, layout, world_size),
         "checkpoint_version": 3.0,
         "iteration": iteration or 0,
         "wit_megatron": json.dumps(record),
@@ -206,9 +210,16 @@ def save_training_checkpoint(chunks: Sequence[torch.nn.Module], root: Path, iter
     if torch.distributed.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
+    from megatron.core import parallel_state
+
     arch = GPTArch.from_dict(record["arch"])
-    state = common_state(record, arch, getattr(torch, record["dtype"]), iteration)
     models = [unwrap(c) for c in chunks]
+    # The layout this run trains at, as Megatron-LM's own save records it in `args`.
+    layout = ParallelLayout(tp=parallel_state.get_tensor_model_parallel_world_size(),
+                            pp=parallel_state.get_pipeline_model_parallel_world_size(),
+                            vpp=len(models) if len(models) > 1 else None,
+                            cp=parallel_state.get_context_parallel_world_size())
+    state = common_state(record, arch, getattr(torch, record["dtype"]), iteration, layout, torch.distributed.get_world_size())
     for i, model in enumerate(models):
         state["model" if len(models) == 1 else f"model{i}"] = model.sharded_state_dict()
     save_distributed_checkpoint(state, directory)
