@@ -202,6 +202,8 @@ def save_training_checkpoint(chunks: Sequence[torch.nn.Module], root: Path, iter
                              assets: Optional[Path] = None) -> Path:
     """Save a training model (any layout; all ranks call this) the way Megatron-LM does: each chunk's
     sharded_state_dict under `model` (or `model0`, `model1`, ... with virtual pipelining)."""
+    from megatron.core import parallel_state
+
     from wit_megatron.runtime.compat import save_distributed_checkpoint
     from wit_megatron.model import unwrap
 
@@ -210,8 +212,6 @@ def save_training_checkpoint(chunks: Sequence[torch.nn.Module], root: Path, iter
     if torch.distributed.get_rank() == 0:
         directory.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
-    from megatron.core import parallel_state
-
     arch = GPTArch.from_dict(record["arch"])
     models = [unwrap(c) for c in chunks]
     # The layout this run trains at, as Megatron-LM's own save records it in `args`.
