@@ -4,6 +4,7 @@ exit 2 and leave no output behind; a dry run prints the mapping and writes nothi
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import struct
 import subprocess
@@ -70,12 +71,16 @@ def test_unknown_architecture_names_the_supported_ones(tiny, tmp_path):
 
 
 def test_shapes_that_do_not_match_the_config(tiny, tmp_path):
+    dims = "vocab_size=100, hidden_size=32, num_attention_heads=4, num_key_value_heads={kv}, head_dim=8, intermediate_size={ffn}"
     hf = edited_copy(tiny, tmp_path / "ffn", intermediate_size=64)
-    with pytest.raises(ConversionError, match=r"shape mismatch for decoder.layers.mlp.linear_fc1.weight\[0\] from "
-                       r"model.layers.0.mlp.gate_proj.weight \(48, 32\) in model.safetensors.*intermediate_size=64"):
+    with pytest.raises(ConversionError, match=re.escape(
+            "model.layers.0.mlp.gate_proj.weight in model.safetensors has shape (48, 32); config.json implies (64, 32) "
+            f"({dims.format(kv=2, ffn=64)})")):
         convert_hf_to_megatron(hf, tmp_path / "out")
     hf = edited_copy(tiny, tmp_path / "heads", num_key_value_heads=4)
-    with pytest.raises(ConversionError, match=r"linear_qkv.weight\[0\].*k projection has 16 rows, config says 4 heads x head dim 8"):
+    with pytest.raises(ConversionError, match=re.escape(
+            "model.layers.0.self_attn.k_proj.weight in model.safetensors has shape (16, 32); config.json implies (32, 32) "
+            f"({dims.format(kv=4, ffn=48)})")):
         convert_hf_to_megatron(hf, tmp_path / "out")
     hf = edited_copy(tiny, tmp_path / "layers", num_hidden_layers=5)
     with pytest.raises(ConversionError, match=r"lacks \d+ tensor\(s\) its config requires, e.g. model.layers.4"):
@@ -83,6 +88,55 @@ def test_shapes_that_do_not_match_the_config(tiny, tmp_path):
     hf = edited_copy(tiny, tmp_path / "untied", tie_word_embeddings=False)
     with pytest.raises(ConversionError, match=r"lacks 1 tensor\(s\).*lm_head.weight"):
         convert_hf_to_megatron(hf, tmp_path / "out")
+
+
+def with_tensors(src: Path, dst: Path, **replaced: torch.Tensor) -> Path:
+    """A copy of the HF model `src` whose model.safetensors has the `replaced` tensors (dots as "__")."""
+    from safetensors.torch import load_file, save_file
+
+    dst = edited_copy(src, dst)
+    tensors = load_file(src / "model.safetensors")
+    tensors.update({name.replace("__", "."): tensor for name, tensor in replaced.items()})
+    save_file(tensors, dst / "model.safetensors", metadata={"format": "pt"})
+    return dst
+
+
+@pytest.mark.parametrize("dry_run", [True, False])
+def test_every_hf_tensor_shape_is_checked_before_anything_is_written(tiny, tmp_path, capsys, dry_run):
+    """Tensors passed through unchanged (norms, o_proj) were checked only by megatron-core's save (naming
+    the Megatron key alone), and a dry run accepted them."""
+    out = tmp_path / "out"
+    args = ["--out", str(out)] + (["--dry-run"] if dry_run else [])
+    norm = with_tensors(tiny, tmp_path / "norm", model__layers__2__post_attention_layernorm__weight=torch.ones(31))
+    assert cli_module.hf_to_megatron(["--hf", str(norm), *args]) == 2
+    assert capsys.readouterr().err == (
+        "error: model.layers.2.post_attention_layernorm.weight in model.safetensors has shape (31,); config.json implies "
+        "(32,) (vocab_size=100, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, head_dim=8, "
+        "intermediate_size=48)\n")
+    o_proj = with_tensors(tiny, tmp_path / "o_proj", model__layers__0__self_attn__o_proj__weight=torch.zeros(32, 16))
+    assert cli_module.hf_to_megatron(["--hf", str(o_proj), *args]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: model.layers.0.self_attn.o_proj.weight in model.safetensors has shape (32, 16); config.json implies (32, 32) (")
+    embedding = with_tensors(tiny, tmp_path / "embedding", model__embed_tokens__weight=torch.zeros(100, 31))
+    assert cli_module.hf_to_megatron(["--hf", str(embedding), *args]) == 2
+    assert capsys.readouterr().err.startswith(
+        "error: model.embed_tokens.weight in model.safetensors has shape (100, 31); config.json implies (100, 32) (")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["embedding", "norm", "o_proj"]
+
+
+def test_sources_of_one_checkpoint_tensor_must_share_a_dtype(tiny, tmp_path, capsys):
+    """q, k and v become one tensor: concatenating a bfloat16 q with float32 k and v would promote it silently."""
+    from safetensors.torch import load_file
+
+    q = load_file(tiny / "model.safetensors")["model.layers.1.self_attn.q_proj.weight"]
+    hf = with_tensors(tiny, tmp_path / "hf", model__layers__1__self_attn__q_proj__weight=q.to(torch.bfloat16))
+    assert refused_by_cli(capsys, "hf_to_megatron", "--hf", str(hf), "--out", str(tmp_path / "out")) == (
+        "decoder.layers.self_attention.linear_qkv.weight[1] is made of HF tensors of different dtypes "
+        "(model.layers.1.self_attn.q_proj.weight bfloat16 in model.safetensors, model.layers.1.self_attn.k_proj.weight "
+        "float32 in model.safetensors, model.layers.1.self_attn.v_proj.weight float32 in model.safetensors); a checkpoint "
+        "tensor has one dtype: pass --dtype to cast them all")
+    assert cli_module.hf_to_megatron(["--hf", str(hf), "--out", str(tmp_path / "out"), "--dtype", "fp32", "--dry-run"]) == 0
+    assert not (tmp_path / "out").exists()
 
 
 def test_unrepresentable_configs_are_refused():
@@ -217,6 +271,19 @@ def test_impossible_layouts_name_the_valid_sizes(tiny):
         check_layout(arch, ParallelLayout(pp=3))
     with pytest.raises(LayoutError, match=r"4 layers cannot be split into pp\*vpp = 8 stages; valid pp\*vpp: \[1, 2, 4\]"):
         check_layout(arch, ParallelLayout(pp=2, vpp=4))
+    # TP 4 divides the 8 heads and 4 KV heads but not the MLP's 6 intermediate rows: megatron-core's
+    # divide() would assert while building the model.
+    odd_mlp = arch_from_hf_config(llama, dict(config, num_attention_heads=8, num_key_value_heads=4, intermediate_size=6))
+    with pytest.raises(LayoutError, match=r"^tensor-parallel size 4 does not divide ffn_hidden_size 6 \(the MLP's intermediate "
+                       r"size\); valid sizes: \[1, 2\] \(those dividing the 8 attention heads, 4 KV heads and ffn_hidden_size 6\)$"):
+        check_layout(odd_mlp, ParallelLayout(tp=4))
+    # Where the heads are in the way too, no number of KV-head copies helps while the MLP does not split.
+    with pytest.raises(LayoutError, match=r"^tensor-parallel size 4 does not divide the 4 attention heads and 1 KV heads; "
+                       r"valid sizes: \[1\]$"):
+        check_layout(arch_from_hf_config(llama, dict(config, num_key_value_heads=1, intermediate_size=6)), ParallelLayout(tp=4))
+    # The vocabulary is padded for the valid sizes only: TP 2 at most, so 101 rows become 102, not 104.
+    assert arch_from_hf_config(llama, dict(config, vocab_size=101, num_attention_heads=8, num_key_value_heads=4,
+                                           intermediate_size=6)).vocab_size == 102
 
 
 def test_hf_directory_without_config_or_weights(tiny, tmp_path, capsys):
@@ -337,6 +404,27 @@ def test_megatron_side_errors(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_export_refuses_stored_tensors_the_record_has_no_place_for(tmp_path, capsys):
+    """A Qwen3 checkpoint whose record says no qk-norm: export used to write the model without the
+    stored q/k norms."""
+    case = dict(hf=str(build("qwen3_qk_norm", tmp_path / "hf")), megatron=str(tmp_path / "megatron"),
+                back=str(tmp_path / "back"))
+    (result,) = run_distributed("tests.scenarios.convert_cases:round_trips", 1, cases=[case])[0]
+    assert result["error"] is None, result["error"]
+    checkpoint = Path(case["megatron"])
+    record = json.loads((checkpoint / "wit_megatron.json").read_text())
+    record["arch"]["qk_layernorm"] = False
+    (checkpoint / "wit_megatron.json").write_text(json.dumps(record))
+    capsys.readouterr()  # transformers' save progress
+    for args in ([], ["--dry-run"]):
+        assert cli_module.megatron_to_hf(["--megatron", str(checkpoint), "--out", str(tmp_path / "out"), *args]) == 2
+        assert capsys.readouterr().err == (
+            f"error: {checkpoint / 'release'}: the checkpoint holds 2 tensor(s) the recorded architecture has no place for: "
+            "decoder.layers.self_attention.k_layernorm.weight, decoder.layers.self_attention.q_layernorm.weight "
+            "(its record describes a different model?)\n")
+    assert not (tmp_path / "out").exists()
+
+
 def test_megatron_checkpoint_without_its_record_or_hf_config(tmp_path, capsys):
     checkpoint = tmp_path / "checkpoint"
     shutil.copytree(CHECKPOINT, checkpoint)
@@ -413,6 +501,47 @@ def test_export_failure_leaves_nothing_and_force_replaces_only_when_complete(tmp
     assert cli_module.megatron_to_hf(["--megatron", str(CHECKPOINT), "--out", str(out), "--force"]) == 0
     assert sorted(p.name for p in out.iterdir()) == written
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def test_force_puts_the_old_output_back_if_the_new_one_cannot_take_its_place(tmp_path, monkeypatch):
+    """The old output is moved aside before the new one is renamed into place; that rename failing
+    left it stranded in .out.old-*."""
+    from wit_megatron.convert import checkpoint as ckpt
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep").write_text("old")
+    real_rename = ckpt.os.rename
+
+    def rename(src, dst):
+        if Path(dst) == out and Path(src).name.startswith(".out.tmp-"):
+            raise OSError("rename failed")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(ckpt.os, "rename", rename)
+    with pytest.raises(OSError, match="rename failed"):
+        with ckpt.atomic_output_dir(out, force=True) as tmp:
+            (tmp / "new").write_text("new")
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no .out.tmp-* or .out.old-* left
+    assert [p.name for p in out.iterdir()] == ["keep"] and (out / "keep").read_text() == "old"
+
+
+def test_a_conversion_leaves_nothing_in_the_temp_dir(tiny, tmp_path):
+    """The single-process group was set up through a file store: a wit-convert-store-* file in the temp
+    dir per conversion. Listed in the converting process, before its exit could remove anything."""
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    script = f"""
+import os, tempfile
+from wit_megatron.convert.hf_to_mcore import convert_hf_to_megatron
+tempfile.tempdir = {str(temp)!r}
+convert_hf_to_megatron({str(tiny)!r}, {str(tmp_path / "out")!r}, progress=False)
+print(sorted(os.listdir(tempfile.tempdir)))
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip().splitlines()[-1] == "[]"
+    assert (tmp_path / "out" / "latest_checkpointed_iteration.txt").read_text() == "release"
 
 
 def test_cli_refuses_existing_output_and_prints_a_dry_run(tiny, tmp_path):

@@ -13,6 +13,9 @@ from tests.convert_models import CASES, build, safetensors_of
 from wit_megatron.convert.verify import hf_logits
 from wit_megatron.runtime.launch import run_distributed
 
+# --dtype casts, on the cases with the most transforms (QKV biases with MQA; qk norms with head_dim).
+CASTS = {"llama_mqa_biases": "bf16", "qwen3_qk_norm": "fp16"}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LAYOUTS = [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None)]
 TOLERANCE = 1e-4
 
@@ -24,15 +27,19 @@ def converted(tmp_path_factory):
     for name in CASES:
         cases[name] = dict(hf=str(build(name, root / name / "hf")), megatron=str(root / name / "megatron"),
                            back=str(root / name / "back"))
-    cases["llama_gqa_tied_bf16"] = dict(hf=str(build("llama_gqa_tied", root / "bf16" / "hf", torch.bfloat16)),
-                                        megatron=str(root / "bf16" / "megatron"), back=str(root / "bf16" / "back"))
+    for name, dtype in (("bf16", torch.bfloat16), ("fp16", torch.float16)):  # models stored in that dtype
+        cases[f"llama_gqa_tied_{name}"] = dict(hf=str(build("llama_gqa_tied", root / name / "hf", dtype)),
+                                               megatron=str(root / name / "megatron"), back=str(root / name / "back"))
+    for case, name in CASTS.items():  # float32 models converted with --dtype
+        cases[f"{case}_as_{name}"] = dict(hf=cases[case]["hf"], dtype=name, megatron=str(root / f"{case}_as_{name}" / "megatron"),
+                                          back=str(root / f"{case}_as_{name}" / "back"))
     results = run_distributed("tests.scenarios.convert_cases:round_trips", 1, cases=list(cases.values()))[0]
     for name, result in zip(cases, results):
         cases[name]["error"] = result["error"]
     return cases
 
 
-@pytest.mark.parametrize("case", [*CASES, "llama_gqa_tied_bf16"])
+@pytest.mark.parametrize("case", [*CASES, "llama_gqa_tied_bf16", "llama_gqa_tied_fp16"])
 def test_round_trip_is_bit_identical(converted, case):
     from pathlib import Path
 
@@ -45,6 +52,31 @@ def test_round_trip_is_bit_identical(converted, case):
         assert torch.equal(back[name], tensor), name
     assert json.loads((Path(c["back"]) / "config.json").read_text()) == json.loads((Path(c["hf"]) / "config.json").read_text())
     assert (Path(c["back"]) / "generation_config.json").exists()
+
+
+@pytest.mark.parametrize("case", list(CASTS))
+def test_dtype_cast_writes_the_checkpoint_and_export_in_that_dtype(converted, case):
+    """--dtype on a float32 model: every stored tensor in that dtype, and export gives exactly the HF
+    tensor cast to it (bit-equal), with config.json's dtype saying so."""
+    from pathlib import Path
+
+    from wit_megatron.convert.torch_dist_reader import TorchDistReader
+
+    name = CASTS[case]
+    c = converted[f"{case}_as_{name}"]
+    assert c["error"] is None, c["error"]
+    stored = TorchDistReader(Path(c["megatron"]) / "release").tensors
+    assert stored and {key: meta.properties.dtype for key, meta in stored.items()} == {key: DTYPES[name] for key in stored}
+    assert json.loads((Path(c["megatron"]) / "wit_megatron.json").read_text())["dtype"] == str(DTYPES[name])[6:]
+    original, back = safetensors_of(Path(c["hf"])), safetensors_of(Path(c["back"]))
+    assert sorted(back) == sorted(original)
+    for tensor_name, tensor in original.items():
+        assert tensor.dtype == torch.float32, tensor_name
+        expected = tensor.to(DTYPES[name])
+        assert back[tensor_name].dtype == expected.dtype, tensor_name
+        assert torch.equal(back[tensor_name].view(torch.int16), expected.view(torch.int16)), tensor_name  # bitwise
+    config = json.loads((Path(c["back"]) / "config.json").read_text())
+    assert config.get("dtype", config.get("torch_dtype")) == str(DTYPES[name])[6:]
 
 
 def test_logits_match_hf_at_every_layout(converted):

@@ -20,6 +20,12 @@ def test_training_checkpoint_at_tp2pp2_exports_to_hf(tmp_path):
     assert all(not r["missing"] and not r["unexpected"] for r in per_rank)
     (trained_logits,) = [r["logits"] for r in per_rank if r["logits"] is not None]
     assert (tmp_path / "trained" / "latest_checkpointed_iteration.txt").read_text() == "1"
+    # Megatron-LM's `args` hold the layout of the run that saved (a converted checkpoint's: one rank).
+    for saved, layout in (("trained/iter_0000001", (2, 2, 4, 1)), ("converted/release", (1, 1, 1, 1))):
+        args = torch.load(tmp_path / saved / "common.pt", weights_only=False)["args"]
+        assert (args.tensor_model_parallel_size, args.pipeline_model_parallel_size, args.world_size,
+                args.data_parallel_size) == layout, saved
+        assert args.virtual_pipeline_model_parallel_size is None and args.context_parallel_size == 1
 
     run_distributed("tests.scenarios.convert_cases:exports", 1, jobs=[(str(tmp_path / "trained"), str(tmp_path / "trained_hf"))])
     exported = hf_logits(tmp_path / "trained_hf", tokens)

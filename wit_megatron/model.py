@@ -75,14 +75,20 @@ def check_layout(arch: GPTArch, layout: ParallelLayout) -> None:
     def divisors(n: int) -> list[int]:
         return [d for d in range(1, n + 1) if n % d == 0]
 
-    heads, groups, kv_heads = arch.num_attention_heads, arch.num_query_groups, arch.hf_kv_heads
-    valid_tp = [d for d in divisors(heads) if groups % d == 0]
+    heads, groups, kv_heads, ffn = arch.num_attention_heads, arch.num_query_groups, arch.hf_kv_heads, arch.ffn_hidden_size
+    # megatron-core splits the heads, the query groups and the MLP's intermediate rows over TP.
+    valid_tp = [d for d in divisors(heads) if groups % d == 0 and ffn % d == 0]
     if layout.tp not in valid_tp:
         held = f"{groups} KV heads"
         if arch.kv_replicas > 1:
             held = f"{groups} query groups ({kv_heads} KV heads x {arch.kv_replicas} replicas)"
+        if heads % layout.tp == 0 and groups % layout.tp == 0:  # only the MLP is in the way
+            raise LayoutError(
+                f"tensor-parallel size {layout.tp} does not divide ffn_hidden_size {ffn} (the MLP's intermediate size); "
+                f"valid sizes: {valid_tp} (those dividing the {heads} attention heads, {held} and ffn_hidden_size {ffn})"
+            )
         message = f"tensor-parallel size {layout.tp} does not divide the {heads} attention heads and {held}; valid sizes: {valid_tp}"
-        if heads % layout.tp == 0:  # KV-head copies make it valid: the fewest are lcm(tp, KV heads) / KV heads
+        if heads % layout.tp == 0 and ffn % layout.tp == 0:  # KV-head copies make it valid: the fewest are lcm(tp, KV heads) / KV heads
             replicas = layout.tp // math.gcd(layout.tp, kv_heads)
             message += (f". To run at TP {layout.tp}, convert the HF model with --kv-replicas {replicas} "
                         f"({kv_heads} KV heads x {replicas} identical copies = {kv_heads * replicas} query groups)")

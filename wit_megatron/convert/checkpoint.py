@@ -99,8 +99,10 @@ def read_record(root: Path, iteration_dir: Path) -> dict:
     return json.loads(common["wit_megatron"])
 
 
-def megatron_lm_args(arch: GPTArch, dtype: torch.dtype) -> argparse.Namespace:
-    """The `args` Megatron-LM stores in a checkpoint (read by `--use-checkpoint-args`)."""
+def megatron_lm_args(arch: GPTArch, dtype: torch.dtype, layout: ParallelLayout = ParallelLayout(),
+                     world_size: int = 1) -> argparse.Namespace:
+    """The `args` Megatron-LM stores in a checkpoint (read by `--use-checkpoint-args`): the layout is the
+    one the checkpoint was saved at (a converted checkpoint: one rank)."""
     return argparse.Namespace(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=arch.num_attention_heads, group_query_attention=arch.num_query_groups != arch.num_attention_heads,
@@ -111,15 +113,17 @@ def megatron_lm_args(arch: GPTArch, dtype: torch.dtype) -> argparse.Namespace:
         normalization="RMSNorm", norm_epsilon=arch.norm_epsilon, swiglu=True,
         untie_embeddings_and_output_weights=not arch.tie_embeddings, add_qkv_bias=arch.add_qkv_bias or arch.add_bias_linear,
         add_bias_linear=arch.add_bias_linear, qk_layernorm=arch.qk_layernorm,
-        padded_vocab_size=arch.vocab_size, tensor_model_parallel_size=1, pipeline_model_parallel_size=1,
-        virtual_pipeline_model_parallel_size=None, world_size=1, data_parallel_size=1, ckpt_format="torch_dist",
+        padded_vocab_size=arch.vocab_size, tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
+        virtual_pipeline_model_parallel_size=layout.vpp, context_parallel_size=layout.cp, world_size=world_size,
+        data_parallel_size=layout.data_parallel_size(world_size), ckpt_format="torch_dist",
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
     )
 
 
-def common_state(record: dict, arch: GPTArch, dtype: torch.dtype, iteration: Optional[int]) -> dict:
+def common_state(record: dict, arch: GPTArch, dtype: torch.dtype, iteration: Optional[int],
+                 layout: ParallelLayout = ParallelLayout(), world_size: int = 1) -> dict:
     return {
-        "args": megatron_lm_args(arch, dtype),
+        "args": megatron_lm_args(arch, dtype, layout, world_size),
         "checkpoint_version": 3.0,
         "iteration": iteration or 0,
         "wit_megatron": json.dumps(record),
@@ -135,8 +139,8 @@ def ensure_single_process() -> None:
 
     if not torch.distributed.is_initialized():
         cpu.enable()
-        store = tempfile.NamedTemporaryFile(prefix="wit-convert-store-", delete=False).name
-        torch.distributed.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+        # An in-memory store: one process needs no rendezvous, and a file store left a file in the temp dir.
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
     if torch.distributed.get_world_size() != 1:
         raise ConversionError("conversion runs in a single process; launch it without torchrun")
     if not parallel_state.model_parallel_is_initialized() or parallel_state.get_tensor_model_parallel_world_size() != 1 \
@@ -198,6 +202,8 @@ def save_training_checkpoint(chunks: Sequence[torch.nn.Module], root: Path, iter
                              assets: Optional[Path] = None) -> Path:
     """Save a training model (any layout; all ranks call this) the way Megatron-LM does: each chunk's
     sharded_state_dict under `model` (or `model0`, `model1`, ... with virtual pipelining)."""
+    from megatron.core import parallel_state
+
     from wit_megatron.runtime.compat import save_distributed_checkpoint
     from wit_megatron.model import unwrap
 
@@ -207,8 +213,13 @@ def save_training_checkpoint(chunks: Sequence[torch.nn.Module], root: Path, iter
         directory.mkdir(parents=True, exist_ok=True)
     torch.distributed.barrier()
     arch = GPTArch.from_dict(record["arch"])
-    state = common_state(record, arch, getattr(torch, record["dtype"]), iteration)
     models = [unwrap(c) for c in chunks]
+    # The layout this run trains at, as Megatron-LM's own save records it in `args`.
+    layout = ParallelLayout(tp=parallel_state.get_tensor_model_parallel_world_size(),
+                            pp=parallel_state.get_pipeline_model_parallel_world_size(),
+                            vpp=len(models) if len(models) > 1 else None,
+                            cp=parallel_state.get_context_parallel_world_size())
+    state = common_state(record, arch, getattr(torch, record["dtype"]), iteration, layout, torch.distributed.get_world_size())
     for i, model in enumerate(models):
         state["model" if len(models) == 1 else f"model{i}"] = model.sharded_state_dict()
     save_distributed_checkpoint(state, directory)
@@ -259,16 +270,31 @@ def atomic_output_dir(out: Path, force: bool) -> Iterator[Path]:
         yield tmp
         _sync_tree(tmp)  # durable before it is renamed into place: a crash cannot leave a complete-looking `out`
         if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.rename(out, old / out.name)
-            os.rename(tmp, out)
-            shutil.rmtree(old)
+            _replace_dir(tmp, out)
         else:
             os.rename(tmp, out)
         _fsync(out.parent)  # the rename itself
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Rename `new` over the existing directory `out`: the old one is moved aside first (a directory
+    cannot be renamed over a non-empty one) and put back if `new` cannot take its place."""
+    old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+    try:
+        os.rename(out, old / out.name)
+    except BaseException:
+        old.rmdir()
+        raise
+    try:
+        os.rename(new, out)
+    except BaseException:
+        os.rename(old / out.name, out)
+        old.rmdir()
+        raise
+    shutil.rmtree(old)
 
 
 def _replace_file(path: Path, text: str) -> None:

@@ -73,9 +73,9 @@ def rope_settings(config: dict) -> tuple[float, Optional[float]]:
     return theta, _number(f"{source}.factor", scaling["factor"])
 
 
-def max_tensor_parallel(num_attention_heads: int, num_query_groups: int) -> int:
-    """The largest TP size megatron-core can split these heads into (every valid size divides it)."""
-    return math.gcd(num_attention_heads, num_query_groups)
+def max_tensor_parallel(num_attention_heads: int, num_query_groups: int, ffn_hidden_size: int) -> int:
+    """The largest TP size megatron-core can split these heads and MLP rows into (every valid size divides it)."""
+    return math.gcd(num_attention_heads, num_query_groups, ffn_hidden_size)
 
 
 def padded_vocab_size(vocab: int, max_tp: int, vocab_multiple: Optional[int] = None) -> int:
@@ -146,8 +146,8 @@ def arch_from_hf_config(family: Family, config: dict, vocab_multiple: Optional[i
     if fields.get("kv_channels") == fields["hidden_size"] // fields["num_attention_heads"]:
         fields.pop("kv_channels")
     vocab = fields["vocab_size"]
-    padded = padded_vocab_size(vocab, max_tensor_parallel(fields["num_attention_heads"], fields["num_query_groups"]),
-                               vocab_multiple)
+    max_tp = max_tensor_parallel(fields["num_attention_heads"], fields["num_query_groups"], fields["ffn_hidden_size"])
+    padded = padded_vocab_size(vocab, max_tp, vocab_multiple)
     if padded != vocab:
         fields["vocab_size"], fields["unpadded_vocab_size"] = padded, vocab
     return GPTArch(**fields)

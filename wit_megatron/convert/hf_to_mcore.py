@@ -23,10 +23,10 @@ from typing import Iterator, Optional
 import torch
 
 from wit_megatron.convert import checkpoint as ckpt
-from wit_megatron.convert.families import Family, Rule, family_for
+from wit_megatron.convert.families import Family, Rule, family_for, hf_shapes
 from wit_megatron.convert.hf_config import arch_from_hf_config
 from wit_megatron.convert.safetensors_io import SafetensorsReader
-from wit_megatron.convert.transforms import ConversionError
+from wit_megatron.convert.transforms import ConversionError, head_dim
 from wit_megatron.model import GPTArch
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
@@ -65,9 +65,10 @@ def read_hf_config(hf_dir: Path) -> dict:
     return config
 
 
-def plan(family: Family, arch: GPTArch, reader: SafetensorsReader) -> list[Step]:
-    """Every Megatron tensor with its HF sources; refuses missing or unused HF tensors and shapes
-    that do not fit the config, before anything is read or written."""
+def plan(family: Family, arch: GPTArch, reader: SafetensorsReader, cast: Optional[torch.dtype] = None) -> list[Step]:
+    """Every Megatron tensor with its HF sources; refuses missing or unused HF tensors, any HF tensor
+    whose shape is not the one the config implies, and sources of one Megatron tensor with different
+    dtypes (unless `cast` makes them one), before anything is read or written."""
     steps = []
     for rule in family.rules_for(arch):
         for layer in range(arch.num_layers) if rule.per_layer else [None]:
@@ -94,14 +95,34 @@ def plan(family: Family, arch: GPTArch, reader: SafetensorsReader) -> list[Step]
             f"{len(unused)} checkpoint tensor(s) have no place in the model its config describes, "
             f"e.g. {', '.join(f'{n} in {reader.infos[n].file.name}' for n in unused[:5])}"
         )
-    for step in steps:  # shapes, on the meta device: nothing is read
-        metas = [torch.empty(reader.infos[n].shape, device="meta") for n in step.hf_names]
-        try:
-            step.rule.transform.to_megatron(metas, arch)
-        except (ConversionError, RuntimeError) as e:
-            shapes = ", ".join(f"{n} {tuple(reader.infos[n].shape)} in {reader.infos[n].file.name}" for n in step.hf_names)
-            raise ConversionError(f"shape mismatch for {step.megatron} from {shapes}: {e}") from None
+    # Shapes and dtypes from the file headers: nothing is read.
+    implied = {rule.megatron: hf_shapes(rule, arch) for rule in family.rules_for(arch)}
+    for step in steps:
+        for name, expected in zip(step.hf_names, implied[step.rule.megatron]):
+            info = reader.infos[name]
+            if tuple(info.shape) != expected:
+                raise ConversionError(
+                    f"{name} in {info.file.name} has shape {tuple(info.shape)}; config.json implies {expected} "
+                    f"({_config_dims(family, arch)})"
+                )
+        dtypes = {reader.infos[n].dtype for n in step.hf_names}
+        if len(dtypes) > 1 and cast is None:
+            # They become one tensor, of one dtype: concatenating would silently promote the others.
+            sources = ", ".join(f"{n} {str(reader.infos[n].dtype).removeprefix('torch.')} in {reader.infos[n].file.name}"
+                                for n in step.hf_names)
+            raise ConversionError(
+                f"{step.megatron} is made of HF tensors of different dtypes ({sources}); a checkpoint tensor has one "
+                "dtype: pass --dtype to cast them all"
+            )
     return steps
+
+
+def _config_dims(family: Family, arch: GPTArch) -> str:
+    """The config.json sizes tensor shapes follow from, under their config.json names."""
+    dims = {"vocab_size": arch.tokenizer_vocab_size, "hidden_size": arch.hidden_size,
+            "num_attention_heads": arch.num_attention_heads, "num_query_groups": arch.hf_kv_heads,
+            "kv_channels": head_dim(arch), "ffn_hidden_size": arch.ffn_hidden_size}
+    return ", ".join(f"{family.config[field]}={value}" for field, value in dims.items())
 
 
 def describe(steps: list[Step], reader: SafetensorsReader, arch: GPTArch) -> str:
@@ -130,13 +151,13 @@ def convert_hf_to_megatron(hf_dir: Path, out: Path, dtype: Optional[str] = None,
     family_name, family = family_for(config)
     arch = arch_from_hf_config(family, config, vocab_multiple, kv_replicas)
     reader = SafetensorsReader(hf_dir)
-    steps = plan(family, arch, reader)
+    target = DTYPES[dtype] if dtype else None
+    steps = plan(family, arch, reader, target)
     if dry_run:
         print(describe(steps, reader, arch))
         return None
     if out.exists() and not force:
         raise ConversionError(f"output directory {out} exists; pass --force to replace it")
-    target = DTYPES[dtype] if dtype else None
     model_dtype = target or reader.infos[steps[0].hf_names[0]].dtype  # the embedding's
 
     ckpt.ensure_single_process()

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 
 from wit_megatron.convert import checkpoint as ckpt
-from wit_megatron.convert.families import Family, Rule, family_for, megatron_shapes
+from wit_megatron.convert.families import Family, Rule, family_for, hf_shapes, megatron_shapes
 from wit_megatron.convert.safetensors_io import PlannedTensor, StreamingSafetensorsWriter
 from wit_megatron.convert.torch_dist_reader import TorchDistReader
 from wit_megatron.convert.transforms import ConversionError
@@ -115,10 +115,16 @@ class Item:
 def plan(directory: Path, family: Family, arch: GPTArch, stored: dict) -> list[list[Item]]:
     """Every output tensor's name, dtype and shape, grouped as they are read: the tensors before the
     layers (embedding), one group per layer, the tensors after (final norm, output layer). Planned from
-    the checkpoint's metadata and the record alone (no model is built); the stored shapes must be the
-    ones the recorded architecture gives."""
+    the checkpoint's metadata and the record alone (no model is built); the stored tensors must be
+    exactly the ones the recorded architecture gives, with its shapes."""
     shapes = megatron_shapes(arch)
     rules = family.rules_for(arch)
+    unclaimed = sorted(set(stored) - {rule.megatron for rule in rules})
+    if unclaimed:  # exporting without them would silently drop weights the model was trained with
+        raise ConversionError(
+            f"{directory}: the checkpoint holds {len(unclaimed)} tensor(s) the recorded architecture has no place for: "
+            f"{', '.join(unclaimed)} (its record describes a different model?)"
+        )
     first_layer_rule = next(i for i, r in enumerate(rules) if r.per_layer)
     groups: dict[object, list[Item]] = {"head": [], **{layer: [] for layer in range(arch.num_layers)}, "tail": []}
     for index, rule in enumerate(rules):
@@ -131,9 +137,9 @@ def plan(directory: Path, family: Family, arch: GPTArch, stored: dict) -> list[l
                 f"{directory}: {key} has shape {tuple(stored[key].size)}, the recorded architecture needs {expected}"
             )
         dtype = stored[key].properties.dtype
-        hf_shapes = [t.shape for t in rule.transform.to_hf(torch.empty(shapes[key], dtype=dtype, device="meta"), arch)]
+        shapes_of_hf = hf_shapes(rule, arch)
         for layer in range(arch.num_layers) if rule.per_layer else [None]:
-            planned = [PlannedTensor(n, dtype, tuple(s)) for n, s in zip(rule.hf_names(layer), hf_shapes)]
+            planned = [PlannedTensor(n, dtype, s) for n, s in zip(rule.hf_names(layer), shapes_of_hf)]
             group = layer if rule.per_layer else ("head" if index < first_layer_rule else "tail")
             groups[group].append(Item(rule, layer, shapes[key], dtype, planned))
     return [group for group in groups.values() if group]

@@ -13,6 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
+import torch
+
 from wit_megatron.convert.transforms import COPY, ConversionError, head_dim
 from wit_megatron.model import GPTArch
 
@@ -76,6 +78,14 @@ def megatron_shapes(arch: GPTArch) -> dict[str, tuple[int, ...]]:
         "decoder.final_layernorm.weight": (h,),
         "output_layer.weight": (arch.vocab_size, h),
     }
+
+
+def hf_shapes(rule: Rule, arch: GPTArch) -> list[tuple[int, ...]]:
+    """The shapes `arch` implies for a rule's HF tensors (one layer's): its Megatron tensor's shape
+    taken back through the transform on the meta device, so each transform states them once, for
+    both directions."""
+    meta = torch.empty(megatron_shapes(arch)[rule.megatron], device="meta")
+    return [tuple(t.shape) for t in rule.transform.to_hf(meta, arch)]
 
 
 @dataclass(frozen=True)
