@@ -602,7 +602,10 @@ def test_failure_in_the_checkpoint_write_leaves_nothing(tiny, tmp_path):
 
 def test_an_interrupted_layout_write_keeps_the_previous_iteration(tmp_path, monkeypatch):
     from wit_megatron.convert import checkpoint as ckpt
+    from wit_megatron.model import GPTArch
 
+    record = {"arch": GPTArch(vocab_size=100, num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                              ffn_hidden_size=48, max_position_embeddings=64).to_dict()}
     (tmp_path / ckpt.TRACKER).write_text("1")
     assets = tmp_path / "assets"
     assets.mkdir()
@@ -612,9 +615,9 @@ def test_an_interrupted_layout_write_keeps_the_previous_iteration(tmp_path, monk
 
     monkeypatch.setattr(ckpt.shutil, "copytree", fail)
     with pytest.raises(OSError, match="disk full"):
-        ckpt.write_layout(tmp_path, 2, {"arch": {}}, assets)
+        ckpt.write_layout(tmp_path, 2, record, assets)
     assert (tmp_path / ckpt.TRACKER).read_text() == "1"  # still the last complete iteration
     monkeypatch.undo()
-    ckpt.write_layout(tmp_path, 2, {"arch": {}}, assets)
+    ckpt.write_layout(tmp_path, 2, record, assets)
     assert (tmp_path / ckpt.TRACKER).read_text() == "2"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []  # no temporary files left

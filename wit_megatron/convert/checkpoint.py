@@ -5,6 +5,7 @@
                                              .metadata, *.distcp, common.pt)
     ROOT/wit_megatron.json                   this project's record: family, GPTArch, TransformerConfig
                                              fields, the HF config.json, dtype
+    ROOT/megatron_lm_flags.txt                the model's Megatron-LM arguments (convert/megatron_lm.py)
     ROOT/hf_assets/                          tokenizer files and generation_config.json, copied back on export
 
 The common state holds what Megatron-LM's `load_checkpoint` reads (`args`, `checkpoint_version`,
@@ -13,7 +14,6 @@ The common state holds what Megatron-LM's `load_checkpoint` reads (`args`, `chec
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import dataclasses
 import json
@@ -25,6 +25,7 @@ from typing import Iterator, Optional, Sequence
 
 import torch
 
+from wit_megatron.convert.megatron_lm import FLAGS_FILE, megatron_lm_args, megatron_lm_flags
 from wit_megatron.convert.transforms import ConversionError
 from wit_megatron.model import GPTArch, build_model, layer_spec, transformer_config
 from wit_megatron.runtime.parallel import ParallelLayout
@@ -97,27 +98,6 @@ def read_record(root: Path, iteration_dir: Path) -> dict:
             "was it written by this project's converter or training?"
         )
     return json.loads(common["wit_megatron"])
-
-
-def megatron_lm_args(arch: GPTArch, dtype: torch.dtype, layout: ParallelLayout = ParallelLayout(),
-                     world_size: int = 1) -> argparse.Namespace:
-    """The `args` Megatron-LM stores in a checkpoint (read by `--use-checkpoint-args`): the layout is the
-    one the checkpoint was saved at (a converted checkpoint: one rank)."""
-    return argparse.Namespace(
-        num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
-        num_attention_heads=arch.num_attention_heads, group_query_attention=arch.num_query_groups != arch.num_attention_heads,
-        num_query_groups=arch.num_query_groups, kv_channels=arch.kv_channels or arch.hidden_size // arch.num_attention_heads,
-        max_position_embeddings=arch.max_position_embeddings, seq_length=arch.max_position_embeddings,
-        position_embedding_type="rope", rotary_base=arch.rotary_base, rotary_percent=1.0,
-        use_rope_scaling=arch.rope_scaling_factor is not None, rope_scaling_factor=arch.rope_scaling_factor or 8.0,
-        normalization="RMSNorm", norm_epsilon=arch.norm_epsilon, swiglu=True,
-        untie_embeddings_and_output_weights=not arch.tie_embeddings, add_qkv_bias=arch.add_qkv_bias or arch.add_bias_linear,
-        add_bias_linear=arch.add_bias_linear, qk_layernorm=arch.qk_layernorm,
-        padded_vocab_size=arch.vocab_size, tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
-        virtual_pipeline_model_parallel_size=layout.vpp, context_parallel_size=layout.cp, world_size=world_size,
-        data_parallel_size=layout.data_parallel_size(world_size), ckpt_format="torch_dist",
-        params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
-    )
 
 
 def common_state(record: dict, arch: GPTArch, dtype: torch.dtype, iteration: Optional[int],
@@ -193,6 +173,7 @@ def write_layout(root: Path, iteration: Optional[int], record: dict, assets: Opt
     # The tracker last: a training save interrupted before it still points at the previous
     # iteration. Each file is replaced whole, never left half-written.
     _replace_file(root / RECORD, json.dumps(record, indent=2) + "\n")
+    _replace_file(root / FLAGS_FILE, " ".join(megatron_lm_flags(GPTArch.from_dict(record["arch"]))) + "\n")
     if assets is not None and assets.resolve() != (root / ASSETS).resolve():
         shutil.copytree(assets, root / ASSETS, dirs_exist_ok=True)
     _replace_file(root / TRACKER, "release" if iteration is None else str(iteration))
