@@ -4,7 +4,7 @@ Face fast tokenizer.
 
 The conversion (transformers' TikTokenConverter: tiktoken ranks -> byte-level BPE merges, Meta's split
 regex, the 256 special tokens at 128000+) takes seconds, so the first call saves the result in the
-cache (WIT_CACHE_DIR, default ~/.cache/wit-megatron). As Meta's Hugging Face tokenizers do, it puts
+cache (testing/cache.py). As Meta's Hugging Face tokenizers do, it puts
 BOS `<|begin_of_text|>` in front of text; EOS is `<|eot_id|>`, as in the Instruct models. `meta_tokenizer()` is Meta's own tiktoken-based class from the same package: an
 independent implementation to check the converted tokenizer's ids against.
 """
@@ -12,13 +12,10 @@ independent implementation to check the converted tokenizer's ids against.
 from __future__ import annotations
 
 import importlib.util
-import os
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from wit_megatron.testing.smollm2 import cache_root
+from wit_megatron.testing.cache import built_once
 
 BOS, EOS = "<|begin_of_text|>", "<|eot_id|>"
 
@@ -46,34 +43,23 @@ def meta_tokenizer():
 
 
 def tokenizer_dir() -> Path:
-    source = tiktoken_model_path()
-    target = cache_root() / f"llama3-tokenizer-{source.stat().st_size}"
-    if (target / "tokenizer.json").is_file():
-        return target
+    return built_once(f"llama3-tokenizer-{tiktoken_model_path().stat().st_size}", "tokenizer.json", _build)
+
+
+def _build(out: Path) -> None:
     from tokenizers import processors
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     meta = meta_tokenizer()
     special = sorted(meta.special_tokens, key=meta.special_tokens.get)
-    backend = TikTokenConverter(vocab_file=str(source), pattern=meta.pat_str, extra_special_tokens=special).converted()
+    backend = TikTokenConverter(vocab_file=str(tiktoken_model_path()), pattern=meta.pat_str, extra_special_tokens=special).converted()
     bos = (BOS, meta.special_tokens[BOS])
     backend.post_processor = processors.Sequence([
         processors.ByteLevel(trim_offsets=False),
         processors.TemplateProcessing(single=f"{BOS} $A", pair=f"{BOS} $A {BOS} $B", special_tokens=[bos]),
     ])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        tokenizer.save_pretrained(tmp)
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / "tokenizer.json").is_file():  # not merely another builder winning the race
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=BOS, eos_token=EOS).save_pretrained(out)
 
 
 @lru_cache(maxsize=None)

