@@ -42,41 +42,40 @@ def megatron_lm_args(arch: GPTArch, dtype: torch.dtype, layout: ParallelLayout =
     )
 
 
+# The stored `args` that describe the model, as pretrain_gpt.py options: valued ones, then switches.
+_VALUED = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
+           "max_position_embeddings", "position_embedding_type", "rotary_base", "rotary_percent", "rope_scaling_factor",
+           "normalization", "norm_epsilon", "ckpt_format")
+_SWITCHES = ("group_query_attention", "use_rope_scaling", "swiglu", "add_qkv_bias", "qk_layernorm",
+             "untie_embeddings_and_output_weights")
+
+
 def megatron_lm_flags(arch: GPTArch) -> list[str]:
-    """`pretrain_gpt.py` arguments for the model `arch` describes (architecture and checkpoint format).
+    """`pretrain_gpt.py` arguments for the model `arch` describes: the stored `args` (megatron_lm_args)
+    written as options, so the two never disagree.
 
     The vocabulary flag assumes Megatron-LM's tokenizer has `arch.tokenizer_vocab_size` ids (its padded
     size is computed from the tokenizer, `--make-vocab-size-divisible-by` x TP): with no padding rows,
     divisible-by 1 gives the checkpoint's rows at every TP the converter allows. Padded rows depend on
     TP in Megatron-LM's rule, so for a padded checkpoint the flag is left to the user (docs/convert.md).
     """
-    flags = [
-        "--num-layers", str(arch.num_layers), "--hidden-size", str(arch.hidden_size),
-        "--ffn-hidden-size", str(arch.ffn_hidden_size), "--num-attention-heads", str(arch.num_attention_heads),
-        "--max-position-embeddings", str(arch.max_position_embeddings),
-        "--position-embedding-type", "rope", "--rotary-base", _integral(arch.rotary_base), "--rotary-percent", "1.0",
-        "--normalization", "RMSNorm", "--norm-epsilon", repr(arch.norm_epsilon), "--swiglu",
-        "--ckpt-format", "torch_dist",
-    ]
-    if arch.num_query_groups != arch.num_attention_heads:
-        flags += ["--group-query-attention", "--num-query-groups", str(arch.num_query_groups)]
-    if arch.kv_channels is not None:
-        flags += ["--kv-channels", str(arch.kv_channels)]
-    if arch.rope_scaling_factor is not None:
-        flags += ["--use-rope-scaling", "--rope-scaling-factor", repr(arch.rope_scaling_factor)]
-    if not arch.add_bias_linear:
-        flags += ["--disable-bias-linear"]
-    if arch.add_qkv_bias or arch.add_bias_linear:
-        flags += ["--add-qkv-bias"]
-    if arch.qk_layernorm:
-        flags += ["--qk-layernorm"]
-    if not arch.tie_embeddings:
-        flags += ["--untie-embeddings-and-output-weights"]
+    args = vars(megatron_lm_args(arch, torch.float32))
+    flags = []
+    for name in _VALUED:
+        flags += [_option(name), _value(name, args[name])]
+    flags += [_option(name) for name in _SWITCHES if args[name]]
+    if not args["add_bias_linear"]:
+        flags.append("--disable-bias-linear")
     if arch.vocab_size == arch.tokenizer_vocab_size:
         flags += ["--make-vocab-size-divisible-by", "1"]
     return flags
 
 
-def _integral(value: float) -> str:
-    """Megatron-LM parses --rotary-base as an int: a fractional base stays fractional, and its parser refuses it."""
-    return str(int(value)) if float(value).is_integer() else repr(value)
+def _option(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _value(name: str, value) -> str:
+    if name == "rotary_base" and float(value).is_integer():
+        return str(int(value))  # Megatron-LM parses it as an int (a fractional base stays fractional, and is refused there)
+    return repr(value) if isinstance(value, float) else str(value)
