@@ -15,7 +15,7 @@ from tests.test_data_preprocess import authors_reference, humaneval, reference_t
 from wit_megatron.data.dataset import WITDataset, WITDatasetConfig, build_datasets
 from wit_megatron.data.preprocess import PreprocessConfig, run
 from wit_megatron.roles import RoleWeights
-from wit_megatron.testing import mistral, smollm2
+from wit_megatron.testing import llama3, mistral, smollm2
 
 KEYS = ("tokens", "labels", "loss_mask", "loss_weights", "response_mask", "position_ids")
 
@@ -129,20 +129,24 @@ def test_packing_isolates_records_and_reports_padding(humaneval_prefix, tmp_path
     assert len(packed) <= -(-total // seq_length) + 1  # within one bin of the lower bound ceil(total / s)
 
 
-@pytest.mark.parametrize("name", ["smollm2", "mistral"])
+@pytest.mark.parametrize("name", ["smollm2", "mistral", "llama3"])
 def test_load_time_truncation(humaneval_prefix, tmp_path, name):
     """Records longer than seq_length + 1 are cut like preprocessing cuts them (tests.test_data_preprocess.
-    reference_truncation: a BOS the tokenizer added, Mistral's, stays in front of a left cut; SmolLM2 adds
-    none, so its cut is plain); under `right`, records left without a response target are dropped and
-    counted, as preprocessing skips them."""
-    keeps_bos = name == "mistral"
+    reference_truncation: a BOS the tokenizer added, Mistral's or Llama-3's, stays in front of a left cut;
+    SmolLM2 adds none, so its cut is plain); under `right`, records left without a response target are
+    dropped and counted, as preprocessing skips them. Llama-3's 128,256 ids are stored as int32, the
+    others' as uint16."""
+    keeps_bos = name in ("mistral", "llama3")
     if keeps_bos:
-        records, tokenizer = humaneval(), mistral.load_tokenizer()
+        family = {"mistral": mistral, "llama3": llama3}[name]
+        records, tokenizer = humaneval(), family.load_tokenizer()
         prefix = str(tmp_path / "he")
-        run(PreprocessConfig([write_jsonl(tmp_path / "he.jsonl", records)], prefix, str(mistral.tokenizer_dir()), progress=False))
+        run(PreprocessConfig([write_jsonl(tmp_path / "he.jsonl", records)], prefix, str(family.tokenizer_dir()), progress=False))
         reference = [authors_reference(tokenizer, r) for r in records]
     else:
         prefix, reference = humaneval_prefix
+    token_dtype = json.loads(Path(prefix + ".meta.json").read_text())["token_dtype"]
+    assert token_dtype == ("int32" if name == "llama3" else "uint16")
     seq_length = 127
     for policy in ("keep_response", "right"):
         (train, _, _) = build_datasets(config(prefix, tmp_path / policy, seq_length=seq_length, packing=False, truncation=policy),
@@ -262,3 +266,14 @@ def test_preprocessing_again_into_the_prefix_gets_a_new_index(tmp_path, meta):
     (again, _, _) = build_datasets(config(prefix, tmp_path / "cache", seq_length=512), [None, None, None])
     # Every run writes a new uuid (a new index, however alike the data); an unchanged digest keeps the old one.
     assert (again.unique_description_hash != new.unique_description_hash) == (meta == "with_uuid")
+
+
+def test_corrupt_sample_index_is_refused_not_written_past(humaneval_prefix, tmp_path):
+    """assemble_sample writes without bounds checks, trusting the index: a record size that would
+    overflow the sequence (an index that does not belong to the data) raises instead."""
+    prefix, _ = humaneval_prefix
+    (train, _, _) = build_datasets(config(prefix, tmp_path, seq_length=256), [None, None, None])
+    train[0]
+    train.record_size = np.full_like(train.record_size, 257)
+    with pytest.raises(ValueError, match="sample index corrupt"):
+        train[0]

@@ -44,13 +44,13 @@ from megatron.core.datasets.blended_megatron_dataset_config import BlendedMegatr
 from megatron.core.datasets.megatron_dataset import MegatronDataset
 from megatron.core.datasets.utils import Split
 
+from wit_megatron.data.assemble import assemble_sample
 from wit_megatron.data.indexed import WITIndexedData
 from wit_megatron.data.tokenize import TRUNCATION_POLICIES, TruncationPolicy, truncation_window
 from wit_megatron.roles import Role, RoleWeights
 
 logger = logging.getLogger(__name__)
 
-_PAD_ROLE = 255  # role code of padding targets inside a sample; its λ is 0
 _RESPONSE = int(Role.RESPONSE)
 
 
@@ -106,9 +106,8 @@ class WITDataset(MegatronDataset):
         self.unique_description_hash = hashlib.md5(self.unique_description.encode("utf-8"), usedforsecurity=False).hexdigest()
         self.data = dataset
         self.seq_length = config.sequence_length
-        self.weight_of_role = np.zeros(256, dtype=np.float32)
+        self.weight_of_role = np.zeros(256, dtype=np.float32)  # every uint8 code: assemble_sample does not bounds-check
         self.weight_of_role[: len(Role)] = config.role_weights.table().numpy()
-        self._positions = np.arange(self.seq_length, dtype=np.int64)
         index = self._load_or_build_index()
         self.sample_offsets = index["sample_offsets"]  # [num_samples + 1] into sample_records
         self.sample_records = index["sample_records"]  # record ids, sample after sample
@@ -116,6 +115,8 @@ class WITDataset(MegatronDataset):
         self.record_target = index["record_target"]  # [len(data)] its first kept target
         self.record_input = index["record_input"]  # [len(data)] the input before that target (token 0 or the cut's)
         self.record_size = index["record_size"]  # [len(data)] targets kept (positions filled); 0 = dropped
+        self._no_records = self.sample_records[:0]
+        self[None]  # compiles assemble_sample for these dtypes here, before data loader workers fork
         self.stats = self._stats()
         logger.info("%s %s: %s", type(self).__name__, index_split.name, self.stats)
         if self.stats["records_dropped_no_response"]:
@@ -140,45 +141,21 @@ class WITDataset(MegatronDataset):
     def __getitem__(self, idx: Optional[int]) -> dict[str, torch.Tensor]:
         """Sample `idx`; None gives an all-padding sample (Megatron's batch padding)."""
         s = self.seq_length
-        total = 0
-        tokens = np.empty(s, dtype=np.int64)
-        labels = np.empty(s, dtype=np.int64)
-        roles = np.empty(s, dtype=np.uint8)
-        position_ids = np.zeros(s, dtype=np.int64)
-        document_ids = np.empty(s, dtype=np.int64)
-        if idx is not None:
-            records = self.sample_records[self.sample_offsets[idx] : self.sample_offsets[idx + 1]]
-            n = self.record_size.take(records)  # positions each record fills
-            end = n.cumsum()
-            begin = end - n
-            total = int(end[-1])
-            # Target t of a record sits at flat index record_target + t. Its input is the kept token
-            # before it: the previous target, except at t = 0, where it is the record's record_input.
-            target = (self.record_target.take(records) - begin).repeat(n)
-            target += self._positions[:total]
-            labels[:total] = self.data.tokens.take(target)
-            self.data.roles.take(target, out=roles[:total])
-            tokens[1:total] = labels[: total - 1]
-            tokens[begin] = self.data.tokens.take(self.record_input.take(records))
-            np.subtract(self._positions[:total], begin.repeat(n), out=position_ids[:total])
-            document_ids[:total] = self._positions[: len(n)].repeat(n)
-        tokens[total:] = self.config.pad_token_id
-        labels[total:] = self.config.pad_token_id
-        roles[total:] = _PAD_ROLE
-        document_ids[total:] = -1
-        loss_mask = np.zeros(s, dtype=np.float32)
-        loss_mask[:total] = 1.0
+        records = self._no_records if idx is None else self.sample_records[self.sample_offsets[idx] : self.sample_offsets[idx + 1]]
         sample = {
-            "tokens": torch.from_numpy(tokens),
-            "labels": torch.from_numpy(labels),
-            "loss_mask": torch.from_numpy(loss_mask),
-            "loss_weights": torch.from_numpy(self.weight_of_role.take(roles)),
-            "response_mask": torch.from_numpy(roles == _RESPONSE),
-            "position_ids": torch.from_numpy(position_ids),
+            "tokens": np.empty(s, dtype=np.int64),
+            "labels": np.empty(s, dtype=np.int64),
+            "loss_mask": np.empty(s, dtype=np.float32),
+            "loss_weights": np.empty(s, dtype=np.float32),
+            "response_mask": np.empty(s, dtype=np.bool_),
+            "position_ids": np.empty(s, dtype=np.int64),
+            "document_ids": np.empty(s, dtype=np.int64),
         }
-        if self.config.packing:
-            sample["document_ids"] = torch.from_numpy(document_ids)
-        return sample
+        assemble_sample(records, self.record_target, self.record_input, self.record_size, self.data.tokens, self.data.roles,
+                        self.weight_of_role, _RESPONSE, self.config.pad_token_id, *sample.values())
+        if not self.config.packing:
+            del sample["document_ids"]
+        return {key: torch.from_numpy(array) for key, array in sample.items()}
 
     # ---- the sample index ----------------------------------------------------------------
 
