@@ -17,14 +17,20 @@ which other jobs on a shared machine do not inflate; each the best of --repeats,
                                         pass cut at the prompt's last word gap (byte-level BPE, as here)
   ours, encode only, two-pass path      the same with the cut turned off: what tokenizers outside the
                                         proven family (e.g. SentencePiece/Metaspace) get
-  ours, end to end, N workers           the whole tool: read JSONL, parse, encode, write .bin/.idx + report
+  ours, end to end, N workers           the whole tool: read JSONL, parse, encode, write .bin/.idx + report;
+                                        with N > 1 also its main process's CPU seconds, the one serial stage
+                                        (reading, dispatching chunks, appending parts): what caps the
+                                        speed-up of any number of workers, on machines with more cores too
 SentencePiece rows (Mistral's tokenizer, from mistral-common; BOS added):
   (a2) tokenizer(joined texts)            as (a)
   ours, encode only                       one pass, the boundary at the token that starts at the added space
 Chat rows (the same records as two-turn conversations with a system prompt, SmolLM2's ChatML template):
   (c) apply_chat_template(tokenize=True)  rendering and tokenizing, batches of 64: the practical limit
   ours, chat encode only                  wit_megatron ChatEncoder.encode: the same ids plus role labels
-Dataset rows: samples/s reading every sample of a WITDataset (sample index loaded from its cache), one core.
+Dataset rows: samples/s reading every sample of a WITDataset (sample index loaded from its cache), one core,
+the rows taking turns; beside them
+  (d) megatron GPTDataset[i]              megatron-core's pretraining reader on the same token .bin/.idx
+                                          (contiguous windows, no roles or packing): a same-machine yardstick
 """
 
 from __future__ import annotations
@@ -123,8 +129,9 @@ def preprocessing_rows(records: list[dict], workers: list[int], repeats: int) ->
         }
         fns.update({f"ours, end to end, {n} worker{'s' if n > 1 else ''}": end_to_end(n) for n in workers})
         timings = best_of_interleaved(repeats, fns)
-        # CPU seconds of this process say nothing about work done in worker processes.
-        return [(name, tokens / wall, None if "workers" in name else tokens / cpu) for name, (wall, cpu) in timings.items()]
+        # With workers, this process's CPU seconds are only its own serial share (reading the input,
+        # dispatching chunks, appending the parts, counting): reported as such, not as a rate.
+        return [(name, tokens / wall, None if "workers" in name else tokens / cpu, wall, cpu) for name, (wall, cpu) in timings.items()]
 
 
 def sentencepiece_rows(records: list[dict], repeats: int) -> list[tuple[str, float]]:
@@ -164,29 +171,52 @@ def chat_rows(records: list[dict], repeats: int) -> list[tuple[str, float]]:
     return [(name, tokens / wall) for name, (wall, _) in timings.items()]
 
 
+def megatron_gpt_dataset(prefix: str, seq_length: int, cache: str):
+    """megatron-core's own GPTDataset over the same token .bin/.idx: contiguous windows of the token
+    stream, no roles, no packing (reset_position_ids/attention mask off, no mask built), the reader
+    Megatron pretraining uses; a yardstick on the same machine for the absolute rate."""
+    from types import SimpleNamespace
+
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    tokenizer = smollm2.load_tokenizer()
+    stub = SimpleNamespace(eod=tokenizer.eos_token_id, pad=tokenizer.pad_token_id, vocab_size=len(tokenizer),
+                           unique_identifiers={"class": "SmolLM2"})  # all GPTDataset reads of a tokenizer
+    config = GPTDatasetConfig(random_seed=1, sequence_length=seq_length, blend=([prefix + "_tokens"], None), split="100,0,0",
+                              tokenizer=stub, reset_position_ids=False, reset_attention_mask=False, eod_mask_loss=False,
+                              create_attention_mask=False, path_to_cache=cache)
+    BlendedMegatronDatasetBuilder(GPTDataset, [None, None, None], lambda: True, config).build()  # builds the index
+    return BlendedMegatronDatasetBuilder(GPTDataset, [None, None, None], lambda: True, config).build()[0]
+
+
 def dataset_rows(records: list[dict], seq_length: int, repeats: int) -> list[tuple[str, float, dict]]:
     torch.set_num_threads(1)
-    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         data = Path(tmp) / "data.jsonl"
         data.write_text("".join(json.dumps(r) + "\n" for r in records))
         prefix = f"{tmp}/he"
         run(PreprocessConfig([str(data)], prefix, str(smollm2.tokenizer_dir()), max_length=seq_length + 1, progress=False),
             tokenizer=smollm2.load_tokenizer())
+        datasets = {}
         for packing in (True, False):
             config = WITDatasetConfig(random_seed=1, sequence_length=seq_length, blend=([prefix], None), split="100,0,0",
                                       role_weights=RoleWeights(0.2, 1.0), packing=packing, path_to_cache=f"{tmp}/cache")
             build_datasets(config, [None, None, None])  # builds and caches the sample index
             (train, _, _) = build_datasets(config, [None, None, None])  # loads it, as every later run does
-            reads = max(len(train), 20_000)  # enough reads for a stable rate
+            datasets[f"WITDataset[i], seq {seq_length}, {'packed' if packing else 'unpacked'}"] = train
+        gpt = megatron_gpt_dataset(prefix, seq_length, f"{tmp}/gpt_cache")
+        datasets[f"(d) megatron GPTDataset[i], seq {seq_length}"] = gpt
 
-            def read_all():
+        def read_all(dataset):
+            reads = max(len(dataset), 20_000)  # enough reads for a stable rate
+            def read():
                 for i in range(reads):  # samples are dropped as read, as a data loader hands them on
-                    train[i % len(train)]
+                    dataset[i % len(dataset)]
+            return read
 
-            elapsed = best_of(repeats, read_all)
-            rows.append((f"WITDataset[i], seq {seq_length}, {'packed' if packing else 'unpacked'}", reads / elapsed, train.stats))
-    return rows
+        timings = best_of_interleaved(repeats, {name: read_all(ds) for name, ds in datasets.items()})
+        return [(name, max(len(ds), 20_000) / timings[name][0], getattr(ds, "stats", {})) for name, ds in datasets.items()]
 
 
 def main() -> None:
@@ -207,13 +237,17 @@ def main() -> None:
     limit, cpu_limit = pre[0][1], pre[0][2]
     print(f"\npreprocessing: {len(records)} HumanEval records, SmolLM2 tokenizer, {os.cpu_count()} CPU cores on this machine")
     print(f"{'':40s} {'tokens/s':>12s} {'vs (a)':>8s} {'tokens/CPU-s':>14s} {'vs (a)':>8s}")
-    for name, rate, cpu_rate in pre:
+    for name, rate, cpu_rate, _, _ in pre:
         cpu_cells = f"{cpu_rate:14,.0f} {cpu_rate / cpu_limit:7.2f}x" if cpu_rate else f"{'-':>14s} {'':8s}"
         print(f"{name:40s} {rate:12,.0f} {rate / limit:7.2f}x {cpu_cells}")
-    one_worker = next((rate for name, rate, _ in pre if name.endswith(", 1 worker")), None)
-    for name, rate, _ in pre:
+    one_worker = next(((rate, wall) for name, rate, _, wall, _ in pre if name.endswith(", 1 worker")), None)
+    for name, rate, _, _, main_cpu in pre:
         if one_worker and "end to end" in name and not name.endswith(", 1 worker"):
-            print(f"{'':40s} scaling over 1 worker (wall): {rate / one_worker:.2f}x")
+            print(f"{'':40s} scaling over 1 worker (wall): {rate / one_worker[0]:.2f}x")
+            # Beside the workers the main process is one serial stage: its CPU time per run caps the
+            # speed-up of any number of workers at (1-worker wall time) / (that CPU time).
+            print(f"{'':40s} main process CPU (read, dispatch, merge): {main_cpu:.2f} s, {main_cpu / one_worker[1]:.1%} of the "
+                  f"1-worker wall: caps any number of workers at {one_worker[1] / main_cpu:.1f}x")
     print(f"\nSentencePiece: the same records, Mistral's tokenizer, one core")
     print(f"{'':40s} {'tokens/s':>12s} {'vs (a2)':>8s}")
     for name, rate in sentencepiece:
@@ -223,10 +257,11 @@ def main() -> None:
     for name, rate in chat:
         print(f"{name:40s} {rate:12,.0f} {rate / chat[0][1]:7.2f}x")
     if data:
+        gpt_rate = data[-1][1]
         print(f"\ndataset read: one core (torch threads 1)")
-        print(f"{'':40s} {'samples/s':>12s}  stats")
+        print(f"{'':40s} {'samples/s':>12s} {'vs (d)':>8s}  stats")
         for name, rate, stats in data:
-            print(f"{name:40s} {rate:12,.0f}  {stats}")
+            print(f"{name:40s} {rate:12,.0f} {rate / gpt_rate:7.2f}x  {stats}")
 
 
 if __name__ == "__main__":
