@@ -6,7 +6,8 @@
 
 Output is identical for any number of workers: chunks come back in input order (Pool.imap). With one
 worker the main process encodes and writes each record itself (no parts). The main process of a
-multi-worker run reads inputs, merges part files and counts: no per-record arrays pass through it.
+multi-worker run reads inputs, merges part files and sums each chunk's counts: only the records that
+failed pass through it one by one.
 A bad record raises `PreprocessError` naming its file and line, unless `on_error="skip"`, which
 counts it under its reason in the report. Nothing is dropped without being counted.
 """
@@ -110,6 +111,17 @@ class Report:
         self.length_histogram[key] = self.length_histogram.get(key, 0) + 1
         self.max_length_seen = max(self.max_length_seen, n)
 
+    def add_counts(self, other: Report) -> None:
+        """Add the written-record counts of `other` (a chunk's, summed where it was encoded)."""
+        self.records_written += other.records_written
+        self.tokens += other.tokens
+        self.truncated += other.truncated
+        for mine, theirs in ((self.formats, other.formats), (self.ignored_keys, other.ignored_keys),
+                             (self.tokens_by_role, other.tokens_by_role), (self.length_histogram, other.length_histogram)):
+            for key, count in theirs.items():
+                mine[key] = mine.get(key, 0) + count
+        self.max_length_seen = max(self.max_length_seen, other.max_length_seen)
+
     def add_skipped(self, location: str, error: RecordError) -> None:
         self.skipped[error.reason] = self.skipped.get(error.reason, 0) + 1
         if len(self.error_examples) < MAX_ERROR_EXAMPLES:
@@ -124,7 +136,7 @@ class Report:
 
 @dataclass
 class _Outcome:
-    """A worker's verdict on one record. `encoded` is dropped once a worker has written it to its part."""
+    """RecordEncoder's verdict on one record: its encoding, or why it is not written."""
 
     location: str
     fmt: Optional[str] = None
@@ -225,22 +237,49 @@ def _init_worker(config: PreprocessConfig, tokenizer_path: Optional[str], parts:
     _PARTS = parts
 
 
-def _encode_in_worker(task: tuple[int, list[SourceItem]]) -> tuple[Optional[str], list[_Outcome]]:
-    """Encode chunk `index` and write its records to a part dataset of their own, so that the main
-    process only merges files (megatron-core's `add_index`) instead of handling every record's arrays.
-    Returns (part prefix or None if no record was written, outcomes without their arrays)."""
+@dataclass
+class _ChunkResult:
+    """What the main process needs of an encoded chunk: no per-record objects but the failures."""
+
+    records: int  # records read
+    counts: Report  # of the records written
+    errors: list  # (location, RecordError) of the records not written, in input order
+    part: Optional[str] = None  # the part dataset a worker wrote them to (None: none written, or no worker)
+
+
+def _encode(encoder: RecordEncoder, items: list[SourceItem]) -> tuple[_ChunkResult, list[Encoded]]:
+    """Encode a chunk and count it where it runs: (its result, the records to write, in input order)."""
+    result, written = _ChunkResult(len(items), Report(), []), []
+    for o in encoder.encode_chunk(items):
+        if o.error is not None:
+            result.errors.append((o.location, o.error))
+        else:
+            written.append(o.encoded)
+            result.counts.add_written(o)
+    return result, written
+
+
+def _encode_in_worker(task: tuple[int, list[SourceItem]]) -> _ChunkResult:
+    """Encode chunk `index`, write its records to a part dataset of their own and count them, so that
+    the main process only merges files (megatron-core's `add_index`) and chunk counts instead of
+    handling every record."""
     index, items = task
-    outcomes = _ENCODER.encode_chunk(items)
-    written = [o for o in outcomes if o.encoded is not None]
-    if not written:
-        return None, outcomes
-    part = os.path.join(_PARTS, f"{index:08d}")
-    writer = WITIndexedWriter(part, vocab_size(_ENCODER.tokenizer))
-    for o in written:
-        writer.add(o.encoded.ids, o.encoded.roles)
-        o.encoded = None
-    writer.finalize()
-    return part, outcomes
+    result, written = _encode(_ENCODER, items)
+    if written:
+        result.part = os.path.join(_PARTS, f"{index:08d}")
+        writer = WITIndexedWriter(result.part, vocab_size(_ENCODER.tokenizer))
+        for encoded in written:
+            writer.add(encoded.ids, encoded.roles)
+        writer.finalize()
+    return result
+
+
+def _encode_here(encoder: RecordEncoder, items: list[SourceItem], writer: WITIndexedWriter) -> _ChunkResult:
+    """One worker: the main process encodes and writes the chunk itself."""
+    result, written = _encode(encoder, items)
+    for encoded in written:
+        writer.add(encoded.ids, encoded.roles)
+    return result
 
 
 def _chunks(items: Iterator[SourceItem], size: int) -> Iterator[list[SourceItem]]:
@@ -298,21 +337,17 @@ def _write(config: PreprocessConfig, tokenizer, prefix: str) -> Report:
                 if pool:  # in input order; each chunk's records already written to a part by its worker
                     results = pool.imap(_encode_in_worker, enumerate(chunks))
                 else:
-                    results = ((None, encoder.encode_chunk(chunk)) for chunk in chunks)
-                for part, outcomes in results:
-                    for o in outcomes:
-                        report.records_read += 1
-                        if o.error is not None:
-                            if config.on_error == "raise":
-                                raise PreprocessError(f"{o.location}: {o.error}\n(use --on-error skip to count and skip such records)")
-                            report.add_skipped(o.location, o.error)
-                            continue
-                        if o.encoded is not None:
-                            writer.add(o.encoded.ids, o.encoded.roles)
-                        report.add_written(o)
-                    if part is not None:
-                        writer.append_part(part)
-                    bar.update(len(outcomes))
+                    results = (_encode_here(encoder, chunk, writer) for chunk in chunks)
+                for result in results:
+                    for location, error in result.errors:
+                        if config.on_error == "raise":
+                            raise PreprocessError(f"{location}: {error}\n(use --on-error skip to count and skip such records)")
+                        report.add_skipped(location, error)
+                    report.records_read += result.records
+                    report.add_counts(result.counts)
+                    if result.part is not None:
+                        writer.append_part(result.part)
+                    bar.update(result.records)
                 report.blank_lines += stats.blank_lines
                 report.per_input.append({
                     "input": path,
