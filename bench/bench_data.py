@@ -65,16 +65,6 @@ def in_batches(fn, items: list) -> None:
         fn(items[i : i + BATCH])
 
 
-def best_of(repeats: int, fn) -> float:
-    """The fastest of `repeats` timed calls (seconds): the least disturbed by other load."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 def best_of_interleaved(repeats: int, fns: dict) -> dict:
     """{name: (fastest wall seconds, fewest CPU seconds of this process)} over `repeats` calls of each
     function, the functions taking turns within each round, so that load from other work on the

@@ -3,8 +3,8 @@
 WITDataset.__getitem__ spends its time here: a packed sequence of s = 4096 positions gathers ~20
 records' token ids and role codes from the memory-mapped .bin files and writes seven arrays of s.
 Done with numpy that is some twenty whole-array passes (index arithmetic, two gathers, a λ lookup,
-casts, padding), about 2x the time of this one numba-compiled loop, which reads each kept token and
-its role once and writes every output at once (bench/bench_data.py, docs/data.md).
+casts, padding), about 1.8x the time of this one numba-compiled loop, which reads each kept token
+and its role once and writes every output at once (bench/bench_data.py, docs/data.md).
 
 Compiled per process on first call (about 1 s; WITDataset calls it at construction, before data
 loader workers fork) and not cached on disk: nothing is written next to the package or in $HOME by
