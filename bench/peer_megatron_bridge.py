@@ -57,9 +57,9 @@ def import_auto_bridge():
 
 def cpu_setup() -> None:
     """One gloo rank with Megatron's tp1pp1 groups and the CPU layer (as this project's converter)."""
-    from wit_megatron.convert.checkpoint import ensure_single_process
+    from wit_megatron.runtime.parallel import init_single_process
 
-    ensure_single_process()
+    init_single_process()
 
 
 def import_hf(auto_bridge, hf: str, out: str) -> None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tests.convert_models import build
+from wit_megatron.checkpoint import CheckpointError
 from wit_megatron.convert import cli as cli_module
 from wit_megatron.convert.families import family_for
 from wit_megatron.convert.hf_config import arch_from_hf_config, rope_settings
@@ -386,7 +387,7 @@ def test_tied_model_with_an_lm_head_in_the_file(tiny, tmp_path, capsys):
 
 
 def test_megatron_side_errors(tmp_path):
-    with pytest.raises(ConversionError, match=r"not a Megatron checkpoint \(no latest_checkpointed_iteration.txt"):
+    with pytest.raises(CheckpointError, match=r"not a Megatron checkpoint \(no latest_checkpointed_iteration.txt"):
         convert_megatron_to_hf(tmp_path, tmp_path / "out")
     # A record that does not describe the stored tensors: named key, stored and expected shapes.
     checkpoint = tmp_path / "checkpoint"
@@ -506,21 +507,21 @@ def test_export_failure_leaves_nothing_and_force_replaces_only_when_complete(tmp
 def test_force_puts_the_old_output_back_if_the_new_one_cannot_take_its_place(tmp_path, monkeypatch):
     """The old output is moved aside before the new one is renamed into place; that rename failing
     left it stranded in .out.old-*."""
-    from wit_megatron.convert import checkpoint as ckpt
+    from wit_megatron.convert import output
 
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep").write_text("old")
-    real_rename = ckpt.os.rename
+    real_rename = output.os.rename
 
     def rename(src, dst):
         if Path(dst) == out and Path(src).name.startswith(".out.tmp-"):
             raise OSError("rename failed")
         real_rename(src, dst)
 
-    monkeypatch.setattr(ckpt.os, "rename", rename)
+    monkeypatch.setattr(output.os, "rename", rename)
     with pytest.raises(OSError, match="rename failed"):
-        with ckpt.atomic_output_dir(out, force=True) as tmp:
+        with output.atomic_output_dir(out, force=True) as tmp:
             (tmp / "new").write_text("new")
     assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no .out.tmp-* or .out.old-* left
     assert [p.name for p in out.iterdir()] == ["keep"] and (out / "keep").read_text() == "old"
@@ -601,7 +602,7 @@ def test_failure_in_the_checkpoint_write_leaves_nothing(tiny, tmp_path):
 
 
 def test_an_interrupted_layout_write_keeps_the_previous_iteration(tmp_path, monkeypatch):
-    from wit_megatron.convert import checkpoint as ckpt
+    from wit_megatron import checkpoint as ckpt
     from wit_megatron.model import GPTArch
 
     record = {"arch": GPTArch(vocab_size=100, num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2,

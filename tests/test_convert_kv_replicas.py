@@ -192,7 +192,7 @@ def test_training_with_replicas_equals_the_unreplicated_model(converted, tmp_pat
 def hf_named(per_rank: list[dict], checkpoint: str) -> dict[str, torch.Tensor]:
     """Full gradients of all stages (local-spec names) -> HF names, through the family table's transforms
     (QKV takes one copy per KV head and requires the copies' gradients to be bitwise identical)."""
-    from wit_megatron.convert.checkpoint import read_record, resolve
+    from wit_megatron.checkpoint import read_record, resolve
 
     record = read_record(*resolve(Path(checkpoint)))
     arch = GPTArch.from_dict(record["arch"])

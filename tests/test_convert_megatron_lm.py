@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from tests.convert_models import build
-from wit_megatron.convert.megatron_lm import FLAGS_FILE
+from wit_megatron.megatron_lm_args import FLAGS_FILE
 
 ROOT = Path(__file__).resolve().parents[1]
 

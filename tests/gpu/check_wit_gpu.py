@@ -149,7 +149,7 @@ def check_conversion(kind: str) -> None:
     import tempfile
 
     from tests.convert_models import safetensors_of
-    from wit_megatron.convert import checkpoint as ckpt
+    from wit_megatron import checkpoint as ckpt
     from wit_megatron.convert.hf_to_mcore import convert_hf_to_megatron
     from wit_megatron.convert.mcore_to_hf import convert_megatron_to_hf
     from wit_megatron.convert.verify import hf_logits, load_model, model_logits
@@ -165,7 +165,7 @@ def check_conversion(kind: str) -> None:
                not missing and not unexpected and diff <= 1e-4 and uses_te == (kind == "te"),
                f"missing {sorted(missing)}, unexpected {sorted(unexpected)}, max |Δlogit| {diff:.1e}")
         record = ckpt.read_record(*ckpt.resolve(Path(tmp) / "megatron"))
-        ckpt.save_training_checkpoint([model], Path(tmp) / "trained", iteration=1, record=record)
+        ckpt.save([model], Path(tmp) / "trained", iteration=1, record=record)
         convert_megatron_to_hf(Path(tmp) / "trained", Path(tmp) / "back", progress=False)
         before, after = safetensors_of(hf), safetensors_of(Path(tmp) / "back")
         same = sorted(before) == sorted(after) and all(

@@ -63,7 +63,7 @@ def diverge_one_copy(checkpoint: str, out: str, layer: int, delta: float) -> str
     KV head 0's value rows in `layer`, save it as training would, export it. Returns the export's error."""
     from pathlib import Path
 
-    from wit_megatron.convert import checkpoint as ckpt
+    from wit_megatron import checkpoint as ckpt
     from wit_megatron.convert.transforms import ConversionError, head_dim
 
     (model,), arch, missing, unexpected = load_model(checkpoint, (1, 1, None))
@@ -74,7 +74,7 @@ def diverge_one_copy(checkpoint: str, out: str, layer: int, delta: float) -> str
     with torch.no_grad():  # group 1 = copy 1 of KV head 0: [its q rows, k rows, v rows]
         weight[(q_rows + 2 * d) + q_rows + d, 0] += delta
     record = ckpt.read_record(*ckpt.resolve(Path(checkpoint)))
-    ckpt.save_training_checkpoint([model], Path(out) / "trained", iteration=1, record=record)
+    ckpt.save([model], Path(out) / "trained", iteration=1, record=record)
     try:
         convert_megatron_to_hf(Path(out) / "trained", Path(out) / "hf", progress=False)
     except ConversionError as e:
@@ -85,10 +85,11 @@ def diverge_one_copy(checkpoint: str, out: str, layer: int, delta: float) -> str
 def single_rank_models(archs: list[dict]) -> list[dict]:
     """One rank: of a single-rank GPTModel (local layer spec) of each GPTArch dict, the sorted parameter
     names and {checkpoint key: shape of one layer's tensor} of its sharded_state_dict."""
-    from wit_megatron.convert.checkpoint import ensure_single_process, meta_model, tensor_entries
+    from wit_megatron.convert.sharded import meta_model, tensor_entries
+    from wit_megatron.runtime.parallel import init_single_process
     from wit_megatron.model import GPTArch
 
-    ensure_single_process()
+    init_single_process()
     out = []
     for arch in archs:
         model = meta_model(GPTArch.from_dict(arch), torch.float32)
@@ -104,7 +105,7 @@ def conversions_failing_in_the_write(jobs: list[dict]) -> list[dict]:
     {"error": the OSError's message or None, "written": the temporary directory's files at the failure}."""
     from pathlib import Path
 
-    from wit_megatron.convert import checkpoint as ckpt
+    from wit_megatron import checkpoint as ckpt
 
     real = ckpt.write_layout
     results = []

@@ -7,7 +7,7 @@ import json
 import sys
 from pathlib import Path
 
-from wit_megatron.convert.transforms import ConversionError
+from wit_megatron.checkpoint import CheckpointError
 from wit_megatron.model import LayoutError
 
 
@@ -15,7 +15,7 @@ def _run(fn) -> int:
     """fn(); a refused input prints its message and exits 2 (not a traceback)."""
     try:
         fn()
-    except (ConversionError, LayoutError) as e:
+    except (CheckpointError, LayoutError) as e:  # ConversionError is a CheckpointError
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0

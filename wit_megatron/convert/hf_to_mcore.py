@@ -22,12 +22,15 @@ from typing import Iterator, Optional
 
 import torch
 
-from wit_megatron.convert import checkpoint as ckpt
+from wit_megatron import checkpoint as ckpt
 from wit_megatron.convert.families import Family, Rule, family_for, hf_shapes
 from wit_megatron.convert.hf_config import arch_from_hf_config
+from wit_megatron.convert.output import atomic_output_dir
 from wit_megatron.convert.safetensors_io import SafetensorsReader
+from wit_megatron.convert.sharded import meta_model, tensor_entries, with_data
 from wit_megatron.convert.transforms import ConversionError, head_dim
 from wit_megatron.model import GPTArch
+from wit_megatron.runtime.parallel import init_single_process
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
 # Buffers some HF checkpoints carry that are recomputed from the config, not weights.
@@ -160,11 +163,11 @@ def convert_hf_to_megatron(hf_dir: Path, out: Path, dtype: Optional[str] = None,
         raise ConversionError(f"output directory {out} exists; pass --force to replace it")
     model_dtype = target or reader.infos[steps[0].hf_names[0]].dtype  # the embedding's
 
-    ckpt.ensure_single_process()
-    model = ckpt.meta_model(arch, model_dtype)
+    init_single_process()
+    model = meta_model(arch, model_dtype)
     by_key = {(s.rule.megatron, s.layer): s for s in steps}
     structure = model.sharded_state_dict()
-    entries = list(ckpt.tensor_entries(structure))
+    entries = list(tensor_entries(structure))
     unplanned = [f"{key}[{layer}]" for _, key, layer, _ in entries if (key, layer) not in by_key]
     if unplanned or len(entries) != len(steps):
         raise ConversionError(f"internal: the {family_name} table does not match Megatron's tensors {unplanned}")
@@ -184,9 +187,9 @@ def convert_hf_to_megatron(hf_dir: Path, out: Path, dtype: Optional[str] = None,
             parts = step.rule.transform.pieces(tensors, arch)
             if len(parts) != len(built):
                 raise ConversionError(f"internal: {key} is saved in {len(built)} pieces, the table gives {len(parts)}")
-            sharded[name] = [ckpt.with_data(piece, part) for piece, part in zip(built, parts)]
+            sharded[name] = [with_data(piece, part) for piece, part in zip(built, parts)]
         else:
-            sharded[name] = ckpt.with_data(entry, step.rule.transform.to_megatron(tensors, arch))
+            sharded[name] = with_data(entry, step.rule.transform.to_megatron(tensors, arch))
         bar.update(1)
     bar.close()
 
@@ -195,7 +198,7 @@ def convert_hf_to_megatron(hf_dir: Path, out: Path, dtype: Optional[str] = None,
     state["model"] = sharded
     from wit_megatron.runtime.compat import save_distributed_checkpoint
 
-    with ckpt.atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force) as tmp:
         directory = tmp / ckpt.iteration_dir_name(None)
         directory.mkdir()
         with _write_progress(directory, _tensor_bytes(sharded), progress):

@@ -18,7 +18,8 @@ from typing import Optional
 
 import torch
 
-from wit_megatron.convert import checkpoint as ckpt
+from wit_megatron import checkpoint as ckpt
+from wit_megatron.convert.output import atomic_output_dir
 from wit_megatron.convert.families import Family, Rule, family_for, hf_shapes, megatron_shapes
 from wit_megatron.convert.safetensors_io import PlannedTensor, StreamingSafetensorsWriter
 from wit_megatron.convert.torch_dist_reader import TorchDistReader
@@ -31,21 +32,16 @@ DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
 def convert_megatron_to_hf(megatron: Path, out: Path, force: bool = False, dry_run: bool = False,
                            max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Optional[Path]:
     """Write an HF model directory `out` from a checkpoint root or iteration directory."""
-    root, directory = ckpt.resolve(Path(megatron))
+    opened = ckpt.open_checkpoint(Path(megatron))
+    root, directory, arch = opened.root, opened.directory, opened.arch
     out = Path(out)
-    record = ckpt.read_record(root, directory)
-    where = root / ckpt.RECORD if (root / ckpt.RECORD).exists() else f"{directory} (the record in its common state)"
-    hf_config = record.get("hf_config")
+    hf_config = opened.record.get("hf_config")
     if not isinstance(hf_config, dict) or not hf_config:
         raise ConversionError(
-            f"{where}: the architecture record has no hf_config, the HF config.json that export writes; "
+            f"{opened.record_location}: the architecture record has no hf_config, the HF config.json that export writes; "
             "was the checkpoint converted from a Hugging Face model?"
         )
     _, family = family_for(hf_config)
-    try:
-        arch = GPTArch.from_dict(record["arch"])
-    except (KeyError, TypeError) as e:
-        raise ConversionError(f"{where}: the architecture record has no valid arch ({type(e).__name__}: {e})") from None
     if out.exists() and not force and not dry_run:
         raise ConversionError(f"output directory {out} exists; pass --force to replace it")
 
@@ -60,7 +56,7 @@ def convert_megatron_to_hf(megatron: Path, out: Path, force: bool = False, dry_r
 
     planned = [p for group in layers for item in group for p in item.planned]
     bar = tqdm_bar(sum(map(len, layers)), progress)
-    with ckpt.atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force) as tmp:
         writer = StreamingSafetensorsWriter(tmp, planned, max_shard_bytes)
         # One DCP read per layer (per embedding / final-norm / output group), the next one read in a
         # thread while this one is written (file reads and writes release the GIL): resident memory
@@ -119,6 +115,8 @@ def plan(directory: Path, family: Family, arch: GPTArch, stored: dict) -> list[l
     exactly the ones the recorded architecture gives, with its shapes."""
     shapes = megatron_shapes(arch)
     rules = family.rules_for(arch)
+    # A training save also holds the optimizer's state (`optimizer.*` keys): only the model is exported.
+    stored = {key: value for key, value in stored.items() if not key.startswith("optimizer.")}
     unclaimed = sorted(set(stored) - {rule.megatron for rule in rules})
     if unclaimed:  # exporting without them would silently drop weights the model was trained with
         raise ConversionError(

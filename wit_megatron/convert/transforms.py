@@ -12,10 +12,11 @@ from typing import Sequence
 
 import torch
 
+from wit_megatron.checkpoint import CheckpointError
 from wit_megatron.model import GPTArch
 
 
-class ConversionError(ValueError):
+class ConversionError(CheckpointError):
     """A checkpoint, its config or a request cannot be converted exactly; the message says why."""
 
 
@@ -96,7 +97,7 @@ def _first_copy(label: str, copies: torch.Tensor) -> torch.Tensor:
             raise ConversionError(
                 f"the {copies.shape[1]} copies of each KV head (kv_replicas) are not identical: {label} head {head} "
                 f"copy {copy} differs from copy 0 (largest |difference| over all copies: {delta:.3g}). The copies "
-                "diverged: the model was trained without summing the copies' gradients (wit_megatron.train.train_step "
+                "diverged: the model was trained without summing the copies' gradients (wit_megatron.training.step.train_step "
                 "does), so it no longer corresponds to one HF model"
             )
     return first.reshape(-1, *copies.shape[3:])

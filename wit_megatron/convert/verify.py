@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from wit_megatron.convert import checkpoint as ckpt
+from wit_megatron import checkpoint as ckpt
 from wit_megatron.model import GPTArch, build_model, check_layout, transformer_config
 from wit_megatron.runtime.parallel import ParallelLayout, init_model_parallel
 
@@ -30,14 +30,14 @@ def megatron_logits(checkpoint: str, layout: tuple, tokens: torch.Tensor, dtype:
 def load_model(checkpoint: str, layout: tuple, dtype: torch.dtype = torch.float32) -> tuple:
     """(this rank's model chunks, GPTArch, missing keys, unexpected keys) of a checkpoint loaded at
     `layout` = (tp, pp, vpp) through megatron-core's dist_checkpointing."""
-    root, directory = ckpt.resolve(Path(checkpoint))
-    arch = GPTArch.from_dict(ckpt.read_record(root, directory)["arch"])
+    opened = ckpt.open_checkpoint(Path(checkpoint))
+    arch = opened.arch
     layout = ParallelLayout(*layout)
     check_layout(arch, layout)
     init_model_parallel(layout)
     config = transformer_config(arch, layout, dtype, calculate_per_token_loss=False)
     chunks = build_model(arch, config)
-    missing, unexpected = ckpt.load_into_model(chunks, directory)
+    missing, unexpected = ckpt.load_into_model(chunks, opened.directory)
     return chunks, arch, missing, unexpected
 
 
@@ -128,8 +128,7 @@ def run_verification(hf_dir: Path, checkpoint: Path, layout: tuple) -> dict:
     """HF logits here, Megatron logits on tp·pp local gloo ranks (CPU), compared on a few prompts."""
     from wit_megatron.runtime.launch import run_distributed
 
-    root, directory = ckpt.resolve(Path(checkpoint))
-    arch = GPTArch.from_dict(ckpt.read_record(root, directory)["arch"])
+    arch = ckpt.open_checkpoint(Path(checkpoint)).arch
     check_layout(arch, ParallelLayout(*layout))
     has_tokenizer = any((Path(hf_dir) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
     tokens = default_tokens(arch.tokenizer_vocab_size, tokenizer_dir=hf_dir if has_tokenizer else None)

@@ -40,7 +40,8 @@ class ParallelLayout:
 
 
 def init_distributed(timeout_s: int = 300) -> None:
-    """Start torch.distributed from the torchrun environment: NCCL on GPUs, gloo (with the CPU layer) otherwise."""
+    """Process start-up: torch.distributed from the torchrun environment (one process without it), NCCL
+    on GPUs, gloo with the CPU layer otherwise."""
     if torch.distributed.is_initialized():
         return
     if torch.cuda.is_available():
@@ -49,6 +50,10 @@ def init_distributed(timeout_s: int = 300) -> None:
     else:
         cpu.enable()
         backend = "gloo"
+    if "RANK" not in os.environ:  # started without a launcher: a group of one, no rendezvous
+        torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(), rank=0, world_size=1,
+                                             timeout=timedelta(seconds=timeout_s))
+        return
     torch.distributed.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s))
 
 
@@ -67,3 +72,19 @@ def init_model_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
     )
     torch.manual_seed(seed)
     tensor_parallel.model_parallel_cuda_manual_seed(seed)
+
+
+def init_single_process() -> None:
+    """Process start-up of a single-process tool (the converters): a one-rank gloo group (with the CPU
+    layer when there is no GPU) and Megatron's tp1pp1 groups. Refuses to run under a multi-rank launcher."""
+    from megatron.core import parallel_state
+
+    if not torch.distributed.is_initialized():
+        cpu.enable()
+        # An in-memory store: one process needs no rendezvous, and a file store left a file in the temp dir.
+        torch.distributed.init_process_group("gloo", store=torch.distributed.HashStore(), rank=0, world_size=1)
+    if torch.distributed.get_world_size() != 1:
+        raise RuntimeError("conversion runs in a single process; launch it without torchrun")
+    if not parallel_state.model_parallel_is_initialized() or parallel_state.get_tensor_model_parallel_world_size() != 1 \
+            or parallel_state.get_pipeline_model_parallel_world_size() != 1:
+        init_model_parallel(ParallelLayout())
