@@ -49,7 +49,7 @@ def measure(mode: str, iters: int, seq_length: int, micro_batch_size: int, num_m
     from wit_megatron.roles import RoleWeights
     from wit_megatron.runtime.parallel import ParallelLayout, init_model_parallel
     from wit_megatron.testing.synthetic import micro_batches, synthetic_batch
-    from wit_megatron.train import forward_backward, forward_step, wrap_ddp
+    from wit_megatron.training.step import forward_backward, forward_step, wrap_ddp
 
     layout = ParallelLayout(tp=tp)
     init_model_parallel(layout)

@@ -115,7 +115,7 @@ def test_reduce_reports_sums_pairs_then_divides():
     ]
     out = reduce_reports(reports)
     assert out["lm loss"] == pytest.approx(4.0 / 8.0)  # not the mean of 1.5 and 1/6
-    assert out["lm loss tokens"] == 8
+    assert out["lm loss tokens"] == 8 and out["lm loss sum"] == 4.0
     assert out["prompt nll"] == 0.0 and out["prompt nll tokens"] == 0
     assert math.isfinite(out["prompt nll"])
 

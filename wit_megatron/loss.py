@@ -120,7 +120,7 @@ def reduce_reports(reports: list[dict[str, torch.Tensor]], group=None) -> dict[s
     """Sum [sum, count] pairs over micro-batches and over `group` (data- and context-parallel ranks).
 
     Returns key -> sum / count (0.0 where the count is 0: a global batch without targets of that
-    kind), plus key + " tokens" -> count.
+    kind), plus key + " tokens" -> count and key + " sum" -> sum (to aggregate further exactly).
     """
     totals: dict[str, torch.Tensor] = {}
     for report in reports:
@@ -136,4 +136,5 @@ def reduce_reports(reports: list[dict[str, torch.Tensor]], group=None) -> dict[s
     for key, (s, n) in zip(keys, stacked.tolist()):
         out[key] = s / n if n > 0 else 0.0
         out[key + " tokens"] = int(n)
+        out[key + " sum"] = s
     return out

@@ -44,7 +44,7 @@ class GPTArch:
     # The tokenizer's vocabulary when `vocab_size` includes padding rows (converters strip them on export).
     unpadded_vocab_size: Optional[int] = None
     # Copies of each HF KV head (consecutive query groups), so that TP can exceed the HF KV heads.
-    # Exact only while the copies stay identical: wit_megatron.train sums their gradients.
+    # Exact only while the copies stay identical: wit_megatron.training.step sums their gradients.
     kv_replicas: int = 1
 
     @property

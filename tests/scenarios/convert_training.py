@@ -8,14 +8,14 @@ from pathlib import Path
 
 import torch
 
-from wit_megatron.convert import checkpoint as ckpt
+from wit_megatron import checkpoint as ckpt
 from wit_megatron.convert.verify import model_logits
 from wit_megatron.model import GPTArch, build_model, check_layout, transformer_config
 from wit_megatron.roles import RoleWeights
 from wit_megatron.runtime.parallel import ParallelLayout, init_model_parallel
 from wit_megatron.testing.params import gather_full_grads
 from wit_megatron.testing.synthetic import micro_batches, synthetic_batch
-from wit_megatron.train import build_optimizer, forward_backward, train_step, wrap_ddp
+from wit_megatron.training.step import build_optimizer, build_scheduler, forward_backward, optimizer_config, train_step, wrap_ddp
 
 SEQ_LEN = 16
 
@@ -44,7 +44,7 @@ def train_and_save(checkpoint: str, out: str, layout: tuple, tokens: torch.Tenso
             for param in chunk.parameters():
                 param.sub_(lr * param.main_grad.to(param.dtype))
 
-    ckpt.save_training_checkpoint(model, Path(out), iteration=1, record=record, assets=root / ckpt.ASSETS)
+    ckpt.save(model, Path(out), iteration=1, record=record, assets=root / ckpt.ASSETS)
     return {"logits": model_logits(model, arch, tokens), "missing": missing, "unexpected": unexpected}
 
 
@@ -69,10 +69,10 @@ def train_steps(jobs: list[dict]) -> list[dict]:
         assert not missing and not unexpected, (missing, unexpected)
         model = wrap_ddp(chunks, config)
         steps = job["steps"]
-        optimizer, scheduler = build_optimizer(model, job["lr"], weight_decay=0.1, clip_grad=job["clip_grad"],
-                                               train_iters=steps, warmup_iters=0)
-        for group in optimizer.param_groups:
-            group["eps"] = job["adam_eps"]
+        optimizer = build_optimizer(model, optimizer_config(model, lr=job["lr"], weight_decay=0.1, clip_grad=job["clip_grad"],
+                                                            adam_eps=job["adam_eps"]))
+        scheduler = build_scheduler(optimizer, job["lr"], 0.0, warmup_iters=0, decay_iters=steps, decay_style="cosine",
+                                    weight_decay=0.1, global_batch_size=4)
         dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
         per_rank = 4 // dp
         norms = []
@@ -84,7 +84,7 @@ def train_steps(jobs: list[dict]) -> list[dict]:
             norms.append(report["grad norm"])
             if step == 0:  # Megatron's FP32 optimizer steps on `main_grad` itself (clipped in place); ours clips before
                 grads = gather_full_grads(model)
-        ckpt.save_training_checkpoint(model, Path(job["out"]), iteration=steps, record=record, assets=root / ckpt.ASSETS)
+        ckpt.save(model, Path(job["out"]), iteration=steps, record=record, assets=root / ckpt.ASSETS)
         keep = ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
         results.append({"grad norms": norms, "grads": grads if keep else {}})
     return results

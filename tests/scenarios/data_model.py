@@ -18,7 +18,7 @@ from wit_megatron.model import GPTArch, build_model, transformer_config
 from wit_megatron.roles import RoleWeights
 from wit_megatron.runtime.parallel import ParallelLayout, init_model_parallel
 from wit_megatron.testing.params import load_full_tensors, seeded_weights
-from wit_megatron.train import forward_backward, wrap_ddp
+from wit_megatron.training.step import forward_backward, wrap_ddp
 
 ARCH = GPTArch(
     vocab_size=49152, num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2,

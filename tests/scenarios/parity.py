@@ -14,7 +14,7 @@ from wit_megatron.roles import RoleWeights
 from wit_megatron.runtime.parallel import ParallelLayout, init_model_parallel
 from wit_megatron.testing.params import gather_full_grads, load_full_tensors, seeded_weights
 from wit_megatron.testing.synthetic import micro_batches, synthetic_batch
-from wit_megatron.train import forward_backward, wrap_ddp
+from wit_megatron.training.step import forward_backward, wrap_ddp
 
 ARCH = GPTArch(
     vocab_size=128, num_layers=4, hidden_size=64, num_attention_heads=8, num_query_groups=4,

@@ -22,8 +22,9 @@ needs no mask. Records longer than s + 1 tokens are cut at load time by `truncat
 (tokenize.truncation_window, the same rule as preprocessing: a leading BOS is kept, and a record left
 without a response target is dropped and counted in `stats["records_dropped_no_response"]`).
 
-Sample order is a pure function of (seed, split, sequence_length, packing, truncation, num_samples) and
-the data: the same on every run, and sample i is the same whether or not training resumed before it.
+Sample order is a pure function of (seed, split, sequence_length, packing, truncation, num_samples,
+train_epochs) and the data: the same on every run, and sample i is the same whether or not training
+resumed before it.
 The cached index is keyed by all of these, the data by WITIndexedData.identity (the uuid each
 preprocessing run writes, and the record and token counts), so a prefix preprocessed again gets a new index.
 """
@@ -32,6 +33,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -71,6 +73,10 @@ class WITDatasetConfig(BlendedMegatronDatasetConfig):
     pad_token_id: int = 0
     """Input/label id written on padding positions (always masked out of the loss)."""
 
+    train_epochs: int = 1
+    """Epochs in the train split when it is built without a sample count (num_samples None, e.g.
+    Megatron's builder for an unweighted blend of size None); other splits hold one epoch."""
+
     index_cache_dir: Optional[str] = None
     """Where WITDataset caches its sample index; default: path_to_cache, else `cache/` next to the data."""
 
@@ -82,6 +88,8 @@ class WITDatasetConfig(BlendedMegatronDatasetConfig):
             raise TypeError(f"role_weights must be a wit_megatron.roles.RoleWeights, got {self.role_weights!r}")
         if self.truncation not in TRUNCATION_POLICIES:
             raise ValueError(f"truncation {self.truncation!r}: choose one of {TRUNCATION_POLICIES}")
+        if self.train_epochs < 1:
+            raise ValueError(f"train_epochs must be >= 1, got {self.train_epochs}")
         if self.sequence_length < 1:
             raise ValueError(f"sequence_length must be >= 1, got {self.sequence_length}")
 
@@ -133,7 +141,7 @@ class WITDataset(MegatronDataset):
 
     @staticmethod
     def _key_config_attributes() -> list[str]:
-        return ["random_seed", "sequence_length", "split", "split_matrix", "packing", "truncation"]
+        return ["random_seed", "sequence_length", "split", "split_matrix", "packing", "truncation", "train_epochs"]
 
     def __len__(self) -> int:
         return len(self.sample_offsets) - 1
@@ -185,14 +193,15 @@ class WITDataset(MegatronDataset):
         kept = self.indices[sizes[self.indices] > 0]
         rng = np.random.RandomState(self.config.random_seed)
         samples: list[np.ndarray] = []
-        while True:  # one epoch per pass: every record once, in a fresh order
+        epochs = self.config.train_epochs if self.index_split == Split.train else 1
+        for epoch in itertools.count(1):  # one epoch per pass: every record once, in a fresh order
             order = kept[rng.permutation(len(kept))]
             if self.config.packing:
                 bins = _best_fit_decreasing(order, sizes, self.seq_length)
                 samples.extend(bins[i] for i in rng.permutation(len(bins)))
             else:
                 samples.extend(order[:, None])
-            if self.num_samples is None or len(samples) >= self.num_samples or not len(kept):
+            if not len(kept) or (len(samples) >= self.num_samples if self.num_samples is not None else epoch == epochs):
                 break
         offsets = np.zeros(len(samples) + 1, dtype=np.int64)
         np.cumsum([len(x) for x in samples], out=offsets[1:])

@@ -42,6 +42,11 @@ def report_path(prefix: str) -> str:
     return f"{prefix}.report.json"
 
 
+def dataset_files(prefix: str) -> list[str]:
+    """The files a preprocessed dataset at `prefix` is read from."""
+    return [prefix + part + ext for part in (TOKENS_SUFFIX, ROLES_SUFFIX) for ext in (".bin", ".idx")] + [meta_path(prefix)]
+
+
 class WITIndexedWriter:
     """Append records (ids + roles) to the token and role IndexedDatasets of one output prefix."""
 

@@ -37,7 +37,8 @@ def slice_for_context_parallel(batch: dict[str, torch.Tensor]) -> dict[str, torc
     return get_batch_on_this_cp_rank(dict(batch), cp_group=group)
 
 
-def save_distributed_checkpoint(sharded_state_dict: dict, directory, writers: Optional[int] = None) -> None:
+def save_distributed_checkpoint(sharded_state_dict: dict, directory, writers: Optional[int] = None,
+                                content_metadata: Optional[dict] = None) -> None:
     """`dist_checkpointing.save` in the torch_dist format, readable by megatron-core 0.16 and later.
 
     `writers`: files (and writer processes) per rank, megatron-core's `thread_count` (its default
@@ -55,7 +56,7 @@ def save_distributed_checkpoint(sharded_state_dict: dict, directory, writers: Op
     if writers is not None:
         strategy.thread_count = writers
     with _in_process_write_results():
-        dist_checkpointing.save(sharded_state_dict, str(directory), sharded_strategy=strategy)
+        dist_checkpointing.save(sharded_state_dict, str(directory), sharded_strategy=strategy, content_metadata=content_metadata)
     if megatron_core_version() >= (0, 17) and torch.distributed.get_rank() == 0:
         common = dist_checkpointing.load_common_state_dict(str(directory))
         torch.save(common, Path(directory) / "common.pt")  # 0.16's COMMON_STATE_FNAME
@@ -87,3 +88,86 @@ def blended_dataset_caches_without_process_group() -> bool:
     from megatron.core.datasets.blended_dataset import BlendedDataset
 
     return "is_initialized" in inspect.getsource(BlendedDataset._build_indices)
+
+
+def pretraining_sampler(total_samples: int, consumed_samples: int, micro_batch_size: int, data_parallel_rank: int,
+                        data_parallel_size: int):
+    """Megatron-LM's MegatronPretrainingSampler: from `consumed_samples` on, every `micro_batch_size x
+    data_parallel_size` consecutive sample indices form one micro-batch per data-parallel rank, and
+    this rank takes its slice. The wheel ships it in `megatron.training` from 0.17 on; 0.16 gets the
+    same iteration here."""
+    try:
+        from megatron.training.datasets.data_samplers import MegatronPretrainingSampler
+    except ImportError:  # megatron-core 0.16: no megatron.training in the wheel
+        return _PretrainingSampler(total_samples, consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size)
+    return MegatronPretrainingSampler(total_samples, consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size)
+
+
+class _PretrainingSampler:
+    """megatron.training's MegatronPretrainingSampler (drop_last=True), for megatron-core 0.16."""
+
+    def __init__(self, total_samples: int, consumed_samples: int, micro_batch_size: int, data_parallel_rank: int,
+                 data_parallel_size: int):
+        if not 0 <= consumed_samples < total_samples:
+            raise ValueError(f"no samples left to consume: {consumed_samples} of {total_samples}")
+        self.total_samples, self.consumed_samples = total_samples, consumed_samples
+        self.start = data_parallel_rank * micro_batch_size
+        self.micro_batch_size = micro_batch_size
+        self.micro_batch_times_data_parallel_size = micro_batch_size * data_parallel_size
+
+    def __len__(self) -> int:
+        return self.total_samples
+
+    def __iter__(self):
+        step = self.micro_batch_times_data_parallel_size
+        for first in range(self.consumed_samples, self.total_samples - step + 1, step):
+            yield list(range(first + self.start, first + self.start + self.micro_batch_size))
+
+
+def prepare_optimizer_for_loading(optimizer) -> None:
+    """Make a distributed optimizer loadable when neither Apex nor Transformer Engine (fused Adam) is
+    installed, as on CPU, where it runs torch's Adam. Two megatron-core paths assume fused Adam there:
+    - `sharded_state_dict(is_loading=True)` reads the inner optimizer's per-parameter 'step' and asserts
+      there is one, which holds only after a first step: megatron-core's own dummy-value initialisation
+      (a zero-gradient step) creates it, and the load replaces every value it wrote, main params included;
+    - the fully reshardable format restores 'step' from the param groups and carries no per-parameter
+      'step', but copying a parameter's state back expects one for every state tensor torch's Adam
+      holds: the copy leaves 'step' as the param groups set it.
+    Call `finish_optimizer_loading` after the optimizer's `load_state_dict`."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    cls = distrib_optimizer.DistributedOptimizer
+    if not getattr(cls, "_wit_step_kept", False):
+        copy_states = cls._set_main_param_and_optimizer_states
+
+        def set_states(self, model_param, tensors):
+            if "step" not in tensors:
+                group_index, group_order = self.model_param_group_index_map[model_param]
+                state = self.optimizer.state[self.optimizer.param_groups[group_index]["params"][group_order]]
+                if "step" in state:
+                    tensors = dict(tensors, step=state["step"])
+            return copy_states(self, model_param, tensors)
+
+        cls._set_main_param_and_optimizer_states = set_states
+        cls._wit_step_kept = True
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, cls) and not inner.optimizer.state:
+            inner._init_optimizer_states_with_dummy_values()
+
+
+def finish_optimizer_loading(optimizer) -> None:
+    """After a distributed optimizer's `load_state_dict` without fused Adam (see
+    `prepare_optimizer_for_loading`): megatron-core gives every parameter's state the same 'step'
+    tensor, which torch's Adam then increments in place once per parameter and step, so the bias
+    correction of every later step would be wrong. Each parameter gets its own copy."""
+    from megatron.core.optimizer import distrib_optimizer
+
+    if distrib_optimizer.HAVE_APEX_OR_TE:
+        return
+    for inner in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(inner, distrib_optimizer.DistributedOptimizer):
+            for state in inner.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()

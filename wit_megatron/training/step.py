@@ -1,4 +1,5 @@
-"""The WIT training step over megatron-core parts: forward_step, DDP wrapping, one global-batch step."""
+"""The WIT training step over megatron-core parts: forward_step, model wrapping, optimizer and scheduler,
+one global-batch step."""
 
 from __future__ import annotations
 
@@ -44,22 +45,52 @@ def _loss_func(batch: dict, per_token_nll: torch.Tensor):
     return wit_loss(per_token_nll, batch["loss_weights"], batch["loss_mask"], batch["response_mask"], check=False)
 
 
-def wrap_ddp(chunks: Sequence[torch.nn.Module], config) -> list[torch.nn.Module]:
-    """Megatron-Core DDP around each chunk, and the config hooks the schedules call.
+def wrap_ddp(chunks: Sequence[torch.nn.Module], config, use_distributed_optimizer: bool = False,
+             overlap_grad_reduce: bool = False, overlap_param_gather: bool = False) -> list[torch.nn.Module]:
+    """Megatron-Core DDP around each chunk (inside megatron-core's Float16Module when the config is bf16
+    or fp16, as Megatron-LM wraps it), and the config hooks the schedules call, as Megatron-LM sets them.
 
-    `finalize_model_grads` all-reduces gradients (summed: calculate_per_token_loss) and then divides
-    them by the global count N of non-zero-weight targets.
+    `finalize_model_grads` all-reduces gradients (summed: calculate_per_token_loss), or reduce-scatters
+    them to their owners with the distributed optimizer, and then divides them by the global count N
+    of non-zero-weight targets. `overlap_grad_reduce` starts each bucket's reduction during the backward
+    pass; `overlap_param_gather` (distributed optimizer) gathers the updated parameters during the next
+    forward pass (call `sync_params` before reading or saving them).
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+    from megatron.core.transformer.module import Float16Module
 
-    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False, use_distributed_optimizer=False)
+    if config.bf16 or config.fp16:
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
+    ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=overlap_grad_reduce,
+                                               overlap_param_gather=overlap_param_gather,
+                                               use_distributed_optimizer=use_distributed_optimizer)
     wrapped = [
         DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
         for i, chunk in enumerate(chunks)
     ]
+
+    def per_chunk(funcs):
+        return funcs if len(funcs) > 1 else funcs[0]
+
     config.finalize_model_grads_func = finalize_model_grads
-    config.no_sync_func = [m.no_sync for m in wrapped] if len(wrapped) > 1 else wrapped[0].no_sync
+    config.no_sync_func = per_chunk([m.no_sync for m in wrapped])
+    if overlap_grad_reduce:
+        config.grad_sync_func = per_chunk([m.start_grad_sync for m in wrapped])
     return wrapped
+
+
+def sync_params(model: Sequence[torch.nn.Module]) -> None:
+    """With overlapped parameter gathering, finish gathering the last update now (before validation,
+    a save or the end of training) and gather at once from then on; `resume_overlap` turns it back on."""
+    for chunk in model:
+        if chunk.ddp_config.overlap_param_gather:
+            chunk.disable_forward_pre_hook()
+
+
+def resume_overlap(model: Sequence[torch.nn.Module]) -> None:
+    for chunk in model:
+        if chunk.ddp_config.overlap_param_gather:
+            chunk.enable_forward_pre_hook()
 
 
 def forward_backward(
@@ -93,51 +124,80 @@ def forward_backward(
     return reduce_reports(reports, group=ps.get_data_parallel_group(with_context_parallel=True))
 
 
-def build_optimizer(model: Sequence[torch.nn.Module], lr: float, weight_decay: float, clip_grad: float, train_iters: int, warmup_iters: int):
-    """Megatron-Core's Adam (the paper's recipe: AdamW, cosine decay, warm-up) and its LR scheduler."""
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+def optimizer_config(model: Sequence[torch.nn.Module], **fields):
+    """megatron-core's OptimizerConfig for `model`: Adam (AdamW: decoupled weight decay) by default,
+    precision (bf16/fp16 with fp32 main params, fp16's loss scaler) taken from the model's config."""
+    from megatron.core.optimizer import OptimizerConfig
+
+    config = unwrap(model[0]).config
+    defaults = dict(optimizer="adam", min_lr=0.0, bf16=config.bf16, fp16=config.fp16, params_dtype=config.params_dtype)
+    return OptimizerConfig(**dict(defaults, **fields))
+
+
+def build_optimizer(model: Sequence[torch.nn.Module], config):
+    """megatron-core's optimizer over the model chunks (the distributed optimizer when the config asks).
+    The schedules scale each micro-batch's loss by its loss scale (fp16), as Megatron-LM sets up."""
+    from megatron.core.optimizer import get_megatron_optimizer
+
+    optimizer = get_megatron_optimizer(config, list(model))
+    unwrap(model[0]).config.grad_scale_func = optimizer.scale_loss  # one config object for all chunks
+    return optimizer
+
+
+def build_scheduler(optimizer, lr: float, min_lr: float, warmup_iters: float, decay_iters: int, decay_style: str,
+                    weight_decay: float, global_batch_size: int):
+    """megatron-core's OptimizerParamScheduler as Megatron-LM sets it up for an iteration budget: counted in
+    samples (`train_step` steps it by the global batch), linear warm-up from 0 over `warmup_iters`, then
+    decay to `min_lr` by `decay_iters` in `decay_style`; constant weight decay. A resumed run must use
+    the saved schedule (its values are checked on load, not silently taken from the checkpoint)."""
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    config = OptimizerConfig(
-        optimizer="adam", lr=lr, min_lr=0.0, weight_decay=weight_decay, clip_grad=clip_grad,
-        adam_beta1=0.9, adam_beta2=0.999, adam_eps=1e-8,
-        bf16=unwrap(model[0]).config.bf16, params_dtype=unwrap(model[0]).config.params_dtype,
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=lr, min_lr=min_lr, lr_warmup_steps=warmup_iters * global_batch_size,
+        lr_decay_steps=decay_iters * global_batch_size, lr_decay_style=decay_style, start_wd=weight_decay,
+        end_wd=weight_decay, wd_incr_steps=decay_iters * global_batch_size, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False,
     )
-    optimizer = get_megatron_optimizer(config, list(model))
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=lr, min_lr=0.0, lr_warmup_steps=warmup_iters,
-        lr_decay_steps=train_iters, lr_decay_style="cosine", start_wd=weight_decay, end_wd=weight_decay,
-        wd_incr_steps=train_iters, wd_incr_style="constant",
-    )
-    return optimizer, scheduler
 
 
 def train_step(model, optimizer, scheduler, data_iterators, num_microbatches: int, micro_batch_size: int, seq_length: int,
-               kv_replicas: int = 1) -> dict:
-    """forward_backward over one global batch, then one optimizer step. Returns the report plus
-    'grad norm' and 'lr' (the report is {} off the last pipeline stage).
+               kv_replicas: int = 1, forward_step_func=forward_step) -> dict:
+    """One optimizer step over one global batch: forward_backward, the KV-copy gradient step (only with
+    KV-head copies), the optimizer step, the scheduler step (not after a skipped fp16 step).
 
-    `kv_replicas`: the model's copies of each HF KV head (`GPTArch.kv_replicas`). With copies, their
-    gradients are summed before the step (`sum_kv_replica_grads`), and the gradient norm, reported and
-    clipped by, counts each HF KV head once (Megatron's optimizer would count every copy): the step is
-    the unreplicated model's, up to float summation order."""
+    Returns the report (see `reduce_reports`; {} off the last pipeline stage) plus 'grad norm', 'lr'
+    (the rate this step used), 'loss scale' and 'skipped' (an fp16 step skipped on inf/NaN gradients)."""
     optimizer.zero_grad()
-    report = forward_backward(model, data_iterators, num_microbatches, micro_batch_size, seq_length)
+    report = forward_backward(model, data_iterators, num_microbatches, micro_batch_size, seq_length,
+                              forward_step_func=forward_step_func)
     lr = optimizer.param_groups[0]["lr"]  # the rate this step uses (Megatron's warm-up starts at 0)
     if kv_replicas > 1:
-        config = optimizer.config  # one object, shared by the chained optimizers (0.16 and 0.19)
-        clip_grad = config.clip_grad
-        grad_norm = sum_kv_replica_grads(model, kv_replicas, clip_grad)
-        config.clip_grad = 0.0  # clipped above by the true norm; Megatron's would be inflated by the copies
-        try:
-            update_successful = optimizer.step()[0]
-        finally:
-            config.clip_grad = clip_grad
+        update_successful, grad_norm = step_with_kv_replicas(model, optimizer, kv_replicas)
     else:
         update_successful, grad_norm, _ = optimizer.step()
     if update_successful:
-        scheduler.step(increment=1)
-    return dict(report, **{"grad norm": grad_norm, "lr": lr})
+        from megatron.core import parallel_state as ps
+
+        scheduler.step(increment=num_microbatches * micro_batch_size * ps.get_data_parallel_world_size())
+    return dict(report, **{"grad norm": grad_norm, "lr": lr, "loss scale": float(optimizer.get_loss_scale()),
+                           "skipped": not update_successful})
+
+
+def step_with_kv_replicas(model, optimizer, kv_replicas: int) -> tuple[bool, float]:
+    """The optimizer step of a model holding `kv_replicas` copies of each HF KV head
+    (`GPTArch.kv_replicas`): the copies' gradients are summed first (`sum_kv_replica_grads`) and
+    clipped by the unreplicated model's norm, so the step is the unreplicated model's up to float
+    summation order and the copies stay identical. Needs unscaled gradients in every param's
+    `main_grad` (fp32/bf16 with the plain optimizer; the training arguments refuse the rest)."""
+    config = optimizer.config  # one object, shared by the chained optimizers (0.16 and 0.19)
+    clip_grad = config.clip_grad
+    grad_norm = sum_kv_replica_grads(model, kv_replicas, clip_grad)
+    config.clip_grad = 0.0  # clipped above by the true norm; Megatron's would be inflated by the copies
+    try:
+        update_successful = optimizer.step()[0]
+    finally:
+        config.clip_grad = clip_grad
+    return update_successful, grad_norm
 
 
 @torch.no_grad()
@@ -151,7 +211,7 @@ def sum_kv_replica_grads(model: Sequence[torch.nn.Module], kv_replicas: int, cli
     copy, so all copies take the same step and stay bitwise identical. The norm counts each HF head
     once (Megatron's optimizer counts every copy) and is clipped to `clip_grad` (0: off) the way
     Megatron's optimizer clips: the step must then run with Megatron's clipping off. Gradients must be
-    unscaled (fp32 / bf16, as `build_optimizer` sets up; fp16 loss scaling would scale the norm)."""
+    unscaled (fp32 / bf16; fp16 loss scaling would scale the norm)."""
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
     from megatron.core.transformer.module import param_is_not_shared

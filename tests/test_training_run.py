@@ -1,0 +1,363 @@
+"""The training entry point as users run it (wit_megatron.training, examples/pretrain_wit.py).
+
+Proven here, against independent references and uninterrupted runs:
+- iteration 1's logged `lm loss` and the validation losses equal transformers' forward on the same
+  samples with the paper's formula (real SmolLM2-135M at tp1pp1 dp6 and tp3pp2; a tiny model at tp2pp2
+  with a virtual pipeline, packed);
+- a run stopped after iteration k (--exit-interval, SIGTERM) and resumed gives bitwise the losses and
+  weights of the uninterrupted run: plain optimizer with packing, distributed optimizer without packing
+  across an epoch boundary;
+- a resume at other TP/PP/DP layouts continues with the uninterrupted run's losses to 1e-6;
+- two torchrun agents acting as two nodes give the single-launch losses, and TensorBoard gets the logged
+  values; bad options are refused before any process group exists; the loss falls on a small overfit run.
+"""
+
+from __future__ import annotations
+
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.convert_models import randomize
+from tests.test_data_preprocess import humaneval, write_jsonl
+from wit_megatron.data.preprocess import PreprocessConfig, run as preprocess
+from wit_megatron.runtime.launch import run_distributed
+from wit_megatron.testing import smollm2
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def convert(hf: Path, out: Path) -> Path:
+    run = subprocess.run([sys.executable, str(ROOT / "tools/convert_hf_to_megatron.py"), "--hf", str(hf), "--out", str(out),
+                          "--layer-spec", "local"], capture_output=True, text=True)
+    assert run.returncode == 0, run.stderr[-3000:]
+    return out
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> dict:
+    """HumanEval (167 records) and its first 24 records, preprocessed with SmolLM2's tokenizer; a tiny
+    random Llama with SmolLM2's vocabulary and tokenizer, as HF and converted."""
+    import transformers
+
+    tmp = tmp_path_factory.mktemp("training")
+    records = humaneval()
+    prefixes = {}
+    for name, subset in (("he", records), ("he24", records[:24])):
+        prefixes[name] = str(tmp / name / name)
+        preprocess(PreprocessConfig([write_jsonl(tmp / f"{name}.jsonl", subset)], prefixes[name], str(smollm2.tokenizer_dir()),
+                                    max_length=257, progress=False), tokenizer=smollm2.load_tokenizer())
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                                      tie_word_embeddings=True, rms_norm_eps=1e-5)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    randomize(model, seed=7)
+    tiny_hf = tmp / "tiny-hf"
+    model.save_pretrained(tiny_hf)
+    smollm2.load_tokenizer().save_pretrained(tiny_hf)
+    return {"tmp": tmp, **prefixes, "tiny_hf": tiny_hf, "tiny": convert(tiny_hf, tmp / "tiny-megatron")}
+
+
+def datasets_of(argv: list[str], world_size: int):
+    """The train and validation datasets a run with `argv` reads (built here, in this process, from the
+    same options: the index caches are the run's)."""
+    from wit_megatron.data.loader import build_datasets
+    from wit_megatron.training import loop
+    from wit_megatron.training.arguments import parse_args
+
+    args = parse_args(argv, world_size=world_size)
+    gbs = args.global_batch_size
+    return build_datasets(loop._data_config(args), args.train_iters * gbs if args.train_iters else None, None, True)
+
+
+def hf_reference(hf_dir: Path, samples: list[dict]) -> dict:
+    """The paper's terms from transformers' logits (float64 log-softmax), record by record: a packed
+    sample's records each run alone at their own positions. Returns loss and count per report key."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
+    sums = {"lm loss": [0.0, 0], "prompt nll": [0.0, 0], "response nll": [0.0, 0]}
+    with torch.no_grad():
+        for sample in samples:
+            docs = sample.get("document_ids")
+            segments = [torch.arange(len(sample["tokens"]))] if docs is None else \
+                [torch.nonzero(docs == d).flatten() for d in docs.unique() if d >= 0]
+            for idx in segments:
+                logits = model(input_ids=sample["tokens"][idx][None], position_ids=sample["position_ids"][idx][None]).logits[0]
+                nll = torch.nn.functional.cross_entropy(logits.double(), sample["labels"][idx], reduction="none")
+                mask = sample["loss_mask"][idx].bool()
+                weight = sample["loss_weights"][idx].double() * mask
+                response = sample["response_mask"][idx] & mask
+                for key, sel, term in (("lm loss", weight != 0, weight * nll), ("prompt nll", mask & ~response, nll),
+                                       ("response nll", response, nll)):
+                    sums[key][0] += float(term[sel].sum())
+                    sums[key][1] += int(sel.sum())
+    return {key: {"loss": s / n, "count": n} for key, (s, n) in sums.items()}
+
+
+def logged(result: dict, key: str = "lm loss") -> list[float]:
+    return [line[key] for line in result["train_log"]]
+
+
+def last_stage(results: list[dict], job: int) -> dict:
+    """A job's results from the last rank (which logs)."""
+    return results[-1][job]
+
+
+# ---- iteration 1 and validation against transformers, on the real SmolLM2-135M -----------------------
+
+
+@pytest.fixture(scope="module")
+def smollm2_runs(data):
+    checkpoint = convert(smollm2.smollm2_dir(), data["tmp"] / "smollm2-megatron")
+    argv = ["--load", str(checkpoint), "--data-path", data["he"], "--split", "90,10,0", "--seq-length", "256", "--no-packing",
+            "--micro-batch-size", "1", "--global-batch-size", "6", "--train-iters", "1", "--lr", "0", "--eval-iters", "3",
+            "--eval-interval", "1", "--log-interval", "1", "--lambda-prompt", "0.2", "--lambda-response", "0.8",
+            "--data-cache-path", str(data["tmp"] / "cache")]
+    jobs = [{"argv": argv}, {"argv": argv + ["--tp", "3", "--pp", "2"]}]
+    return argv, run_distributed("tests.scenarios.training:runs", 6, timeout_s=1200, jobs=jobs)
+
+
+def test_iteration_one_and_validation_equal_transformers_on_smollm2(smollm2_runs):
+    argv, results = smollm2_runs
+    train, valid = datasets_of(argv, world_size=6)
+    first_batch = hf_reference(smollm2.smollm2_dir(), [train[i] for i in range(6)])
+    validation = hf_reference(smollm2.smollm2_dir(), [valid[i] for i in range(len(valid))])
+    assert 15 <= len(valid) <= 18  # 10% of 167 records: the last of 3 global batches is partly padding
+    for job, layout in enumerate(("tp1pp1 dp6", "tp3pp2")):
+        result = last_stage(results, job)
+        (line,) = result["train_log"]
+        assert line["lm loss tokens"] == first_batch["lm loss"]["count"], layout
+        assert line["lm loss"] == pytest.approx(first_batch["lm loss"]["loss"], rel=1e-5), layout
+        assert line["prompt nll"] == pytest.approx(first_batch["prompt nll"]["loss"], rel=1e-5), layout
+        (evaluated,) = result["valid_log"]
+        for key in ("lm loss", "prompt nll", "response nll"):
+            assert evaluated[key] == pytest.approx(validation[key]["loss"], rel=1e-5), (layout, key)
+
+
+# ---- resume, resharding, epochs, SIGTERM, overfit: a tiny model on real HumanEval tokens --------------
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(data):
+    tmp = data["tmp"]
+    common = ["--seq-length", "128", "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-3",
+              "--log-interval", "1", "--data-cache-path", str(tmp / "cache"), "--lambda-prompt", "0.2", "--lambda-response", "0.8"]
+    a = common + ["--data-path", data["he"], "--train-iters", "6", "--seq-length", "256"]  # packed, plain optimizer
+    b = common + ["--data-path", data["he24"], "--no-packing", "--use-distributed-optimizer", "--train-epochs", "2"]
+    load_tiny = ["--load", str(data["tiny"])]
+    save_a, save_b = tmp / "run-a", tmp / "run-b"
+    jobs = [
+        {"argv": load_tiny + a + ["--tp", "2", "--pp", "2", "--vpp", "2"], "params": True},  # 0: A uninterrupted
+        {"argv": load_tiny + a + ["--tp", "2", "--pp", "2", "--vpp", "2", "--save", str(save_a), "--exit-interval", "3"]},
+        {"argv": ["--load", str(save_a)] + a + ["--tp", "2", "--pp", "2", "--vpp", "2"], "params": True},  # 2: A resumed
+        {"argv": load_tiny + b + ["--tp", "2"], "params": True},  # 3: B uninterrupted (3 iterations per epoch)
+        {"argv": load_tiny + b + ["--tp", "2", "--save", str(save_b)], "sigterm_after": 2},  # 4: stopped by SIGTERM
+        {"argv": ["--load", str(save_b)] + b + ["--tp", "2", "--save", str(save_b), "--save-hf", str(tmp / "b-hf")],
+         "params": True, "logits_of": torch.tensor([[1, 504, 2909, 28, 7, 9, 5500, 11]])},  # 5: B resumed, exported
+        {"argv": ["--load", str(save_a)] + a + ["--tp", "2"]},  # 6: A resumed at tp2 dp2
+        {"argv": ["--load", str(save_a)] + a + ["--tp", "2", "--pp", "2"]},  # 7: A resumed at tp2pp2 without VPP
+        {"argv": ["--load", str(save_a)] + a},  # 8: A resumed at dp4: the same data order
+        {"argv": ["--load", str(save_b / "iter_0000002")] + b + ["--pp", "2"]},  # 9: B from iteration 2 at tp1pp2 dp2
+        {"argv": load_tiny + common + ["--data-path", data["he24"], "--no-packing", "--train-epochs", "10", "--lr", "3e-3",
+                                       "--lr-warmup-iters", "0", "--log-interval", "1"]},  # 10: overfit 24 records, dp4
+        {"argv": ["--train-iters", "5", "--global-batch-size", "4", "--seq-length", "32", "--exit-duration-in-mins", "1e-9"]},
+        {"argv": load_tiny + a + ["--tp", "2", "--use-distributed-optimizer", "--overlap-grad-reduce",
+                                  "--overlap-param-gather"]},  # 12: A from the start, overlapped communication
+    ]
+    results = run_distributed("tests.scenarios.training:runs", 4, timeout_s=1500, jobs=jobs)
+    return {"results": results, "save_a": save_a, "save_b": save_b, "argv_a": load_tiny + a + ["--tp", "2", "--pp", "2"],
+            "a": a, "jobs": jobs}
+
+
+def test_iteration_one_of_a_tiny_model_at_tp2pp2_with_vpp_equals_transformers(data, tiny_runs):
+    train, _ = datasets_of(tiny_runs["argv_a"], world_size=4)
+    reference = hf_reference(data["tiny_hf"], [train[i] for i in range(8)])
+    assert max(int(train[i]["document_ids"].max()) for i in range(8)) >= 1  # packed: several records per sample
+    first = last_stage(tiny_runs["results"], 0)["train_log"][0]
+    assert first["lm loss tokens"] == reference["lm loss"]["count"]
+    assert first["lm loss"] == pytest.approx(reference["lm loss"]["loss"], rel=1e-5)
+
+
+def _assert_same_params(results: list[list[dict]], job: int, other: int) -> None:
+    for rank in results:
+        a, b = rank[job]["params"], rank[other]["params"]
+        assert a.keys() == b.keys()
+        different = [name for name in a if not torch.equal(a[name], b[name])]
+        assert not different, different
+
+
+def test_a_run_stopped_and_resumed_is_bitwise_the_uninterrupted_run(tiny_runs):
+    results = tiny_runs["results"]
+    # A: packed, plain optimizer, tp2pp2 with VPP, stopped by --exit-interval after iteration 3.
+    full, stopped, resumed = (last_stage(results, j) for j in (0, 1, 2))
+    assert stopped["exit_reason"] == "exit-interval" and stopped["iteration"] == 3 and stopped["exit_code"] == 0
+    assert (tiny_runs["save_a"] / "latest_checkpointed_iteration.txt").read_text() == "3"
+    assert [line["iteration"] for line in resumed["train_log"]] == [4, 5, 6]
+    assert logged(stopped) == logged(full)[:3] and logged(resumed) == logged(full)[3:]
+    _assert_same_params(results, 0, 2)
+    # B: unpacked, distributed optimizer, 2 epochs of 24 records = 6 iterations, SIGTERM during iteration 2.
+    full, stopped, resumed = (last_stage(results, j) for j in (3, 4, 5))
+    assert full["iteration"] == 6 and full["consumed"] == 48
+    assert stopped["exit_reason"] == "signal" and stopped["iteration"] == 2 and stopped["exit_code"] == 143
+    assert logged(stopped) == logged(full)[:2] and logged(resumed) == logged(full)[2:]
+    assert logged(resumed, "lm loss tokens") == logged(full, "lm loss tokens")[2:]
+    _assert_same_params(results, 3, 5)
+
+
+def test_every_epoch_sees_every_record_once(data, tiny_runs):
+    """B's 2 epochs: 48 samples = the 24 records twice, in two different orders."""
+    argv = tiny_runs["jobs"][3]["argv"]
+    train, _ = datasets_of(argv, world_size=4)
+    firsts = [tuple(train[i]["tokens"][:20].tolist()) for i in range(48)]
+    assert len(set(firsts[:24])) == 24 and set(firsts[:24]) == set(firsts[24:]) and firsts[:24] != firsts[24:]
+
+
+def test_a_resume_at_another_layout_continues_the_uninterrupted_losses(tiny_runs):
+    results = tiny_runs["results"]
+    expected_a = logged(last_stage(results, 0))[3:]
+    for job, layout in ((6, "tp2 dp2"), (7, "tp2pp2"), (8, "tp1pp1 dp4")):
+        losses = logged(last_stage(results, job))
+        assert losses == pytest.approx(expected_a, rel=1e-6), layout
+    assert logged(last_stage(results, 9)) == pytest.approx(logged(last_stage(results, 3))[2:], rel=1e-6)  # distributed optimizer
+
+
+def test_overlapped_gradient_and_parameter_communication_changes_nothing(tiny_runs):
+    """Run A at tp2 dp2 with the distributed optimizer, bucketed gradient reduction during the backward
+    pass and parameter gathering during the next forward pass: A's losses (tp2pp2 with VPP, plain)."""
+    results = tiny_runs["results"]
+    assert logged(last_stage(results, 12)) == pytest.approx(logged(last_stage(results, 0)), rel=1e-5)
+
+
+def test_the_final_save_exports_to_hf_with_the_trained_logits(data, tiny_runs):
+    from transformers import AutoModelForCausalLM
+
+    exported = data["tmp"] / "b-hf"
+    assert (exported / "tokenizer.json").exists() and (exported / "config.json").exists()
+    tokens = tiny_runs["jobs"][5]["logits_of"]
+    megatron = next(rank[5]["logits"] for rank in tiny_runs["results"] if rank[5]["logits"] is not None)
+    hf = AutoModelForCausalLM.from_pretrained(str(exported), dtype=torch.float32)(tokens).logits
+    assert (hf - megatron).abs().max() < 1e-4
+
+
+def test_the_loss_falls_on_a_small_overfit_run(tiny_runs):
+    """10 epochs over 24 HumanEval records: the response NLL and the WIT loss fall by over a third."""
+    run = last_stage(tiny_runs["results"], 10)
+    losses, nll = logged(run), logged(run, "response nll")
+    assert len(losses) == 30  # 10 epochs of 24 records, 8 a step
+    assert nll[-1] < 0.6 * nll[0] and losses[-1] < 0.65 * losses[0], (nll, losses)
+
+
+def test_exit_duration_stops_after_the_first_iteration(tiny_runs):
+    stopped = last_stage(tiny_runs["results"], 11)
+    assert stopped["exit_reason"] == "duration" and stopped["iteration"] == 1 and stopped["exit_code"] == 0
+
+
+# ---- two torchrun agents as two nodes ------------------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_torchrun_agents_as_two_nodes_give_the_single_launch_losses(data, tiny_runs, tmp_path):
+    """`--nnodes 2` with a c10d rendezvous on this machine, 2 processes per agent, resuming run A at tp2 dp2
+    and at tp2pp2: the losses of the same layouts launched as one 4-rank job, bitwise; TensorBoard holds
+    the logged values."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for job, layout in ((6, ["--tp", "2"]), (7, ["--tp", "2", "--pp", "2"])):
+        port = _free_port()
+        tb = tmp_path / f"tb{job}"
+        argv = ["--load", str(tiny_runs["save_a"])] + tiny_runs["a"] + layout + ["--tensorboard-dir", str(tb)]
+        agents = [subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node), "--nproc-per-node", "2",
+             "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", f"wit{job}",
+             "examples/pretrain_wit.py", *argv], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for node in (0, 1)]
+        outputs = [agent.communicate(timeout=600)[0] for agent in agents]
+        assert [agent.returncode for agent in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
+        assert "layer spec: local" in "".join(outputs)  # what the converter recorded (--layer-spec local)
+        losses = [float(x) for o in outputs for x in re.findall(r"\| lm loss: ([0-9.E+-]+) \|", o)]
+        expected = logged(last_stage(tiny_runs["results"], job))
+        assert losses == [float(f"{x:.6E}") for x in expected], (losses, expected)
+        events = EventAccumulator(str(tb)).Reload()
+        scalars = [e.value for e in events.Scalars("lm loss")]
+        assert scalars == pytest.approx(expected, rel=1e-6)
+        assert [e.step for e in events.Scalars("lm loss")] == [4, 5, 6]
+
+
+# ---- the command line ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv, world, message", [
+    (["--global-batch-size", "6", "--micro-batch-size", "4"], 1, "not a multiple of --micro-batch-size 4"),
+    (["--tp", "3"], 4, "world size 4 is not divisible by tp*pp*cp"),
+    (["--tp", "3", "--num-attention-heads", "8"], 3, "does not divide the 8 attention heads"),
+    (["--lambda-prompt", "-1"], 1, "λ for role 'prompt' must be finite and >= 0"),
+    (["--lambda-response", "nan"], 1, "λ for role 'response' must be finite and >= 0"),
+    (["--lambda-prompt", "0", "--lambda-response", "0"], 1, "every λ is 0"),
+    (["--train-iters", "0"], 1, "--train-iters must be >= 1"),
+    (["--train-iters", "2", "--lr-warmup-iters", "2"], 1, "--lr-warmup-iters 2 must be below the decay iterations"),
+    (["--vpp", "2"], 1, "a virtual pipeline (--vpp) needs --pp >= 2"),
+    (["--bf16", "--fp16"], 1, "not allowed with argument"),
+    (["--save-interval", "5"], 1, "--save-interval needs --save"),
+    (["--finetune"], 1, "--finetune needs --load"),
+    (["--cp", "2"], 2, "needs GPUs"),
+    (["--micro-batch-size", "0"], 1, "--micro-batch-size must be >= 1"),
+    (["--split", "90,x"], 1, "--split '90,x'"),
+])
+def test_bad_options_are_refused_before_any_process_group(argv, world, message, capsys):
+    from wit_megatron.training.arguments import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(argv, world_size=world)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not torch.distributed.is_initialized()
+
+
+def test_checkpoint_and_data_options_are_checked_against_the_files(data, tmp_path, capsys):
+    from wit_megatron.training.arguments import parse_args
+
+    cases = [
+        (["--load", str(tmp_path)], "not a Megatron checkpoint"),
+        (["--load", str(data["tiny"]), "--data-path", str(tmp_path / "none")], "is not a dataset written by wit-preprocess-data"),
+        (["--load", str(data["tiny"]), "--data-path", data["he"], "--num-layers", "2"], "the architecture comes from --load"),
+        (["--load", str(data["tiny"])], "--load of a converted model needs --data-path"),
+        (["--load", str(data["tiny"]), "--data-path", "1", data["he"], "2", data["he24"], "--train-epochs", "1"],
+         "a weighted blend defines a sampling mix"),
+        (["--load", str(data["tiny"]), "--data-path", data["he"], "--tp", "3"], "valid sizes"),
+    ]
+    for argv, message in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            parse_args(argv, world_size=3 if "--tp" in argv else 1)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
+    assert not torch.distributed.is_initialized()
+
+
+def test_help_states_the_paper_defaults():
+    out = subprocess.run([sys.executable, "examples/pretrain_wit.py", "--help"], cwd=ROOT, capture_output=True, text=True)
+    assert out.returncode == 0
+    text = " ".join(out.stdout.split())
+    for fragment in ("--tensor-model-parallel-size", "--lr LR (default: 2e-05)", "--lr-decay-style", "(default: cosine)",
+                     "--weight-decay WEIGHT_DECAY (default: 0.1)", "default 0.01", "--global-batch-size GLOBAL_BATCH_SIZE",
+                     "default: 1 when neither this nor --train-iters", "--finetune", "--exit-interval"):
+        assert fragment in text, fragment
+
+
+def test_recorded_layer_spec_decides_what_training_builds(monkeypatch):
+    """"local" is always honoured; "te" (and no record) means TE's spec only where TE can run."""
+    from wit_megatron import model
+
+    for te_present, expected in ((True, {"te": "te", None: "te", "local": "local"}),
+                                 (False, {"te": "local", None: "local", "local": "local"})):
+        monkeypatch.setattr(model, "transformer_engine_available", lambda: te_present)
+        assert {k: model.preferred_layer_spec(k) for k in expected} == expected
