@@ -3,13 +3,15 @@ parsing, `initialize_megatron`, `get_model`, `--load CKPT --finetune --ckpt-form
 architecture flags the converter writes to `megatron_lm_flags.txt`, and give transformers' logits.
 
 Megatron-LM's `megatron.training` ships in megatron-core's wheel from 0.17 on: this file runs on
-.ci/run's Python 3.12 / megatron-core 0.19.2 leg. megatron-core 0.16.1's wheel (the 3.11 leg) has no
-`megatron.training`, so there the tests are skipped with that reason; docs/convert.md records the
-manual 0.16.1 run against Megatron-LM's source tree."""
+.ci/run's Python 3.12 / megatron-core 0.19.2 leg. Below 0.17 (0.16.1's wheel, the 3.11 leg) the tests
+are skipped with that reason, decided by the version (`compat.ships_megatron_training`), so that a
+wheel that should ship `megatron.training` and cannot import it fails here instead of skipping (checked
+on 0.19.2 with `megatron.training` made unimportable: the old import-based skip skipped all tests,
+this fails). docs/convert.md records the manual 0.16.1 run against Megatron-LM's source tree."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import re
 import subprocess
 import sys
@@ -19,11 +21,20 @@ import pytest
 
 from tests.convert_models import build
 from wit_megatron.megatron_lm_args import FLAGS_FILE
+from wit_megatron.runtime import compat
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron.training") is None,
-                                reason="this megatron-core wheel has no megatron.training (0.16.1): runs on the 0.19.2 leg")
+pytestmark = pytest.mark.skipif(not compat.ships_megatron_training(),
+                                reason=f"megatron-core {'.'.join(map(str, compat.megatron_core_version()))} ships no "
+                                       "megatron.training (0.17 and later do): runs on the 0.19.2 leg")
+
+
+def test_megatron_training_imports():
+    """What the tools use from the wheel's megatron.training imports (a broken install fails here, by name)."""
+    for module in ("megatron.training.arguments", "megatron.training.checkpointing", "megatron.training.initialize",
+                   "megatron.training.training", "megatron.training.datasets.data_samplers"):
+        importlib.import_module(module)
 
 
 def megatron_lm_load(hf: Path, ckpt: Path, *flags: str) -> tuple[float, float]:
