@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import torch
 
-from wit_megatron.model import GPTArch, build_model, transformer_config
+from wit_megatron.model import GPTArch, build_model, transformer_config, transformer_engine_available
 from wit_megatron.roles import RoleWeights
 from wit_megatron.runtime.parallel import ParallelLayout, init_model_parallel
+from wit_megatron.testing.cp_attention import cp_layer_spec
 from wit_megatron.testing.params import gather_full_grads, load_full_tensors, seeded_weights
 from wit_megatron.testing.synthetic import micro_batches, synthetic_batch
 from wit_megatron.training.step import forward_backward, wrap_ddp
@@ -37,7 +38,9 @@ def run_case(layout: tuple, micro_batch_size: int, batch: dict) -> dict:
     layout = ParallelLayout(*layout)
     init_model_parallel(layout)
     config = transformer_config(ARCH, layout)
-    chunks = build_model(ARCH, config)
+    # cp >= 2 without Transformer Engine: the local spec with an all-gather CP attention (see cp_attention.py).
+    spec = cp_layer_spec(ARCH) if layout.cp > 1 and not transformer_engine_available() else None
+    chunks = build_model(ARCH, config, spec=spec)
     load_full_tensors(chunks, seeded_weights(WEIGHT_SEED))
     model = wrap_ddp(chunks, config)
     data = make_batch(batch)
@@ -51,7 +54,7 @@ def run_case(layout: tuple, micro_batch_size: int, batch: dict) -> dict:
     ]
     report = forward_backward(model, iterators, per_rank // micro_batch_size, micro_batch_size, SEQ_LEN)
     grads = gather_full_grads(model)
-    keep = tp_rank == 0 and dp_rank == 0
+    keep = tp_rank == 0 and dp_rank == 0 and ps.get_context_parallel_rank() == 0
     return {"layout": str(layout), "mbs": micro_batch_size, "report": report, "grads": grads if keep else None}
 
 
@@ -86,7 +89,7 @@ def reference(batch: dict) -> dict:
 
 
 def run(cases: list[dict], references: list[dict] = ()) -> dict:
-    """cases: {"layout": (tp, pp, vpp), "mbs": int, "batch": batch spec}; references: batch specs."""
+    """cases: {"layout": (tp, pp, vpp, cp), "mbs": int, "batch": batch spec}; references: batch specs."""
     return {
         "cases": [run_case(c["layout"], c["mbs"], c["batch"]) for c in cases],
         "references": [reference(b) for b in references],
