@@ -9,7 +9,8 @@ import torch
 
 BASE = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=4, max_position_embeddings=64,
             rms_norm_eps=1e-5, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+# Llama-3.2's RoPE scaling (factor 32; Llama-3.1's 8.0 is also megatron-core's default, which would hide a dropped factor).
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
 
 # name -> (transformers config class, overrides). vocab 100 needs no padding (every valid TP divides it).
