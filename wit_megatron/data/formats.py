@@ -94,10 +94,6 @@ class Message:
     content: Optional[str]  # None only for an assistant message with tool_calls
     template_input: dict  # the message as the chat template receives it
 
-    @property
-    def has_tool_calls(self) -> bool:
-        return bool(self.template_input.get("tool_calls"))
-
 
 @dataclass(frozen=True)
 class ChatRecord:
