@@ -9,7 +9,8 @@ import torch
 
 BASE = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=4, max_position_embeddings=64,
             rms_norm_eps=1e-5, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+# Llama-3.2's RoPE scaling (factor 32; Llama-3.1's 8.0 is also megatron-core's default, which would hide a dropped factor).
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
 
 # name -> (transformers config class, overrides). vocab 100 needs no padding (every valid TP divides it).
@@ -53,3 +54,38 @@ def safetensors_of(directory: Path) -> dict[str, torch.Tensor]:
     for name in files:
         tensors.update(load_file(directory / name))
     return tensors
+
+
+# Which of three shard files an HF tensor goes to in `shard`: a layer's q/k/v projections (Megatron's one
+# linear_qkv) in three different files, its gate/up projections (linear_fc1) in two; the rest by layer.
+SHARD_OF_PROJECTION = {"q_proj": 0, "k_proj": 1, "v_proj": 2, "gate_proj": 2, "up_proj": 0}
+SHARD_OF_OTHER = {"model.embed_tokens.weight": 2, "model.norm.weight": 1, "lm_head.weight": 0}
+
+
+def shard_file_of(name: str, files: int = 3) -> int:
+    parts = name.split(".")
+    if parts[:2] == ["model", "layers"]:
+        return SHARD_OF_PROJECTION.get(parts[4], int(parts[2]) % files) if len(parts) > 4 else int(parts[2]) % files
+    return SHARD_OF_OTHER[name]
+
+
+def shard(directory: Path, out: Path, files: int = 3) -> Path:
+    """The HF checkpoint in `directory` rewritten the way models of 7B and up ship: `files`
+    model-0000i-of-0000n.safetensors files and model.safetensors.index.json, with the HF tensors that
+    make up one Megatron tensor spread over different files (see SHARD_OF_PROJECTION)."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True)
+    for extra in ("config.json", "generation_config.json"):
+        shutil.copy(directory / extra, out / extra)
+    tensors = safetensors_of(directory)
+    names = [f"model-{i + 1:05d}-of-{files:05d}.safetensors" for i in range(files)]
+    weight_map = {name: names[shard_file_of(name, files)] for name in sorted(tensors)}
+    for file in names:
+        save_file({n: tensors[n].contiguous() for n, f in weight_map.items() if f == file}, out / file, metadata={"format": "pt"})
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    (out / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
+    return out
+

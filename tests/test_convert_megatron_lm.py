@@ -3,13 +3,15 @@ parsing, `initialize_megatron`, `get_model`, `--load CKPT --finetune --ckpt-form
 architecture flags the converter writes to `megatron_lm_flags.txt`, and give transformers' logits.
 
 Megatron-LM's `megatron.training` ships in megatron-core's wheel from 0.17 on: this file runs on
-.ci/run's Python 3.12 / megatron-core 0.19.2 leg. megatron-core 0.16.1's wheel (the 3.11 leg) has no
-`megatron.training`, so there the tests are skipped with that reason; docs/convert.md records the
-manual 0.16.1 run against Megatron-LM's source tree."""
+.ci/run's Python 3.12 / megatron-core 0.19.2 leg. Below 0.17 (0.16.1's wheel, the 3.11 leg) the tests
+are skipped with that reason, decided by the version (`compat.ships_megatron_training`), so that a
+wheel that should ship `megatron.training` and cannot import it fails here instead of skipping (checked
+on 0.19.2 with `megatron.training` made unimportable: the old import-based skip skipped all tests,
+this fails). docs/convert.md records the manual 0.16.1 run against Megatron-LM's source tree."""
 
 from __future__ import annotations
 
-import importlib.util
+import importlib
 import re
 import subprocess
 import sys
@@ -19,39 +21,77 @@ import pytest
 
 from tests.convert_models import build
 from wit_megatron.megatron_lm_args import FLAGS_FILE
+from wit_megatron.runtime import compat
 
 ROOT = Path(__file__).resolve().parents[1]
 
-pytestmark = pytest.mark.skipif(importlib.util.find_spec("megatron.training") is None,
-                                reason="this megatron-core wheel has no megatron.training (0.16.1): runs on the 0.19.2 leg")
+pytestmark = pytest.mark.skipif(not compat.ships_megatron_training(),
+                                reason=f"megatron-core {'.'.join(map(str, compat.megatron_core_version()))} ships no "
+                                       "megatron.training (0.17 and later do): runs on the 0.19.2 leg")
 
 
-def megatron_lm_load(hf: Path, ckpt: Path, *flags: str) -> tuple[float, float]:
-    """(max |Δlogit|, top-1 agreement) of Megatron-LM's loaded model against transformers'."""
+def test_megatron_training_imports():
+    """What the tools use from the wheel's megatron.training imports (a broken install fails here, by name)."""
+    for module in ("megatron.training.arguments", "megatron.training.checkpointing", "megatron.training.initialize",
+                   "megatron.training.training", "megatron.training.datasets.data_samplers"):
+        importlib.import_module(module)
+
+
+def megatron_lm_load(hf: Path, ckpt: Path, *flags: str) -> dict:
+    """What tools/convert_check_megatron_lm.py reports: Megatron-LM's loaded model against transformers'
+    ("diff": max |Δlogit|, "top1"), the RoPE scaling arguments Megatron-LM parsed, and, when they ask for
+    a factor other than GPTModel's default, the same build with the factor passed ("fixed_diff")."""
     run = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "tools/convert_check_megatron_lm.py"), "installed",
                           str(hf), str(ckpt), *flags, "--tokenizer-type", "NullTokenizer", "--vocab-size", "100"],
                          capture_output=True, text=True, cwd=ROOT)
     found = re.search(r"Megatron-LM load_checkpoint: iteration 0, padded vocab 100, max \|logit - HF logit\| (\S+), "
-                      r"top-1 agreement (\S+)", run.stdout)
+                      r"top-1 agreement (\S+)\nMegatron-LM arguments: use_rope_scaling (\S+), rope_scaling_factor (\S+)\n", run.stdout)
     assert found, (run.returncode, run.stdout[-3000:], run.stderr[-3000:])
-    return float(found.group(1)), float(found.group(2))
-
-
-def convert(hf: Path, out: Path) -> Path:
-    done = subprocess.run([sys.executable, str(ROOT / "tools/convert_hf_to_megatron.py"), "--hf", str(hf), "--out", str(out)],
-                          capture_output=True, text=True, cwd=ROOT)
-    assert done.returncode == 0, done.stderr[-3000:]
+    out = {"diff": float(found.group(1)), "top1": float(found.group(2)), "use_rope_scaling": found.group(3) == "True",
+           "rope_scaling_factor": float(found.group(4)), "fixed_diff": None, "returncode": run.returncode}
+    fixed = re.search(r"passed to GPTModel .*: max \|logit - HF logit\| (\S+), top-1 agreement (\S+)", run.stdout)
+    if fixed:
+        out["fixed_diff"], out["fixed_top1"] = float(fixed.group(1)), float(fixed.group(2))
     return out
 
 
-# q/k norms with a head dim of its own; llama3 RoPE scaling; biases on every linear layer with MQA; QKV bias, tied.
-@pytest.mark.parametrize("case", ["qwen3_qk_norm", "llama3_rope_scaling", "llama_mqa_biases", "qwen2_qkv_bias_tied"])
+def convert(hf: Path, out: Path, notes: list | None = None) -> Path:
+    """tools/convert_hf_to_megatron.py; its "note: " lines go to `notes`."""
+    done = subprocess.run([sys.executable, str(ROOT / "tools/convert_hf_to_megatron.py"), "--hf", str(hf), "--out", str(out)],
+                          capture_output=True, text=True, cwd=ROOT)
+    assert done.returncode == 0, done.stderr[-3000:]
+    if notes is not None:
+        notes += [line for line in done.stderr.splitlines() if line.startswith("note: ")]
+    return out
+
+
+# q/k norms with a head dim of its own; biases on every linear layer with MQA; QKV bias, tied.
+@pytest.mark.parametrize("case", ["qwen3_qk_norm", "llama_mqa_biases", "qwen2_qkv_bias_tied"])
 def test_megatron_lm_loads_with_the_written_flags(tmp_path, case):
     hf = build(case, tmp_path / "hf")
-    ckpt = convert(hf, tmp_path / "megatron")
+    notes = []
+    ckpt = convert(hf, tmp_path / "megatron", notes)
     flags = (ckpt / FLAGS_FILE).read_text().split()
-    diff, top1 = megatron_lm_load(hf, ckpt, *flags)
-    assert diff <= 1e-4 and top1 == 1.0
+    result = megatron_lm_load(hf, ckpt, *flags)
+    assert result["diff"] <= 1e-4 and result["top1"] == 1.0 and result["returncode"] == 0 and not notes
+    assert not result["use_rope_scaling"] and result["fixed_diff"] is None
+
+
+def test_rope_scaling_factor_reaches_megatron_lm_whose_builder_drops_it(tmp_path):
+    """Llama-3.2's RoPE scaling factor 32 (not Megatron's default 8): the flags file gives it to
+    Megatron-LM's arguments, and with it passed to GPTModel the loaded checkpoint gives transformers'
+    logits; pretrain_gpt.py's own build passes no factor (GPTModel keeps 8.0), so its logits are off,
+    which this test pins down (docs/convert.md). A wrong `--rope-scaling-factor` in the flags file fails
+    the first two asserts (checked with 8.0 written instead of 32.0)."""
+    hf = build("llama3_rope_scaling", tmp_path / "hf")
+    notes = []
+    ckpt = convert(hf, tmp_path / "megatron", notes)
+    assert len(notes) == 1 and "note: RoPE scaling factor 32.0: Megatron-LM's pretrain_gpt.py" in notes[0]  # the converter says so
+    flags = (ckpt / FLAGS_FILE).read_text().split()
+    result = megatron_lm_load(hf, ckpt, *flags)
+    assert result["use_rope_scaling"] and result["rope_scaling_factor"] == 32.0
+    assert result["fixed_diff"] <= 1e-4 and result["fixed_top1"] == 1.0
+    assert result["diff"] > 5e-4 and result["returncode"] == 1  # Megatron-LM's own build: factor 8
 
 
 def test_use_checkpoint_args_alone_drops_the_qk_norms(tmp_path):
@@ -60,5 +100,4 @@ def test_use_checkpoint_args_alone_drops_the_qk_norms(tmp_path):
     a Qwen3 model then loads without its q/k norms, and its logits are far off."""
     hf = build("qwen3_qk_norm", tmp_path / "hf")
     ckpt = convert(hf, tmp_path / "megatron")
-    diff, _ = megatron_lm_load(hf, ckpt, "--use-checkpoint-args")
-    assert diff > 0.1
+    assert megatron_lm_load(hf, ckpt, "--use-checkpoint-args")["diff"] > 0.1

@@ -3,7 +3,12 @@ ChatML as SmolLM2 ships it, Llama-3's (Meta-Llama-3-8B-Instruct's template on Me
 tokenizer, from the llama-models package) and Mistral's (Mistral-7B-Instruct-v0.2's template on
 Mistral's SentencePiece tokenizer). Ids must equal `apply_chat_template`, and for Llama-3 and Mistral
 also the model makers' own encoders; role labels are checked against hand-verified expectations: the
-decoded text of each run of equally-labelled tokens."""
+decoded text of each run of equally-labelled tokens.
+
+Three more families' templates (tests/chat_families.py: Gemma 3's, Qwen3's, Llama-3.1's, on tokenizers
+built from the real ones here with those families' special tokens) are also checked against an
+independent labelling: transformers' `return_assistant_tokens_mask` on the same template with
+`{% generation %}` tags around what the assistant writes."""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ from pathlib import Path
 import pytest
 from megatron.core.datasets.indexed_dataset import IndexedDataset
 
+from tests import chat_families
 from wit_megatron.data.preprocess import PreprocessConfig, run
 from wit_megatron.testing import llama3, mistral, smollm2
 
@@ -365,3 +371,147 @@ def test_named_chat_templates_are_chosen_as_transformers_chooses(tmp_path):
         run(PreprocessConfig([str(data)], str(tmp_path / "o"), "in-memory", progress=False), tokenizer=ambiguous)
     with pytest.raises(InputError, match=r"--chat-template 'c' is neither a file nor a built-in template .*, nor one of the tokenizer's templates \(\['a', 'b'\]\)"):
         run(PreprocessConfig([str(data)], str(tmp_path / "o"), "in-memory", chat_template="c", progress=False), tokenizer=ambiguous)
+
+
+# Reasoning the way Qwen3's template reads it: a "<think>" block at the start of the content, or a
+# `reasoning_content` key. Its template keeps it only after the last user turn.
+THINKING = [
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "<think>\nThe capital is Paris.\n</think>\n\nParis."},
+    {"role": "user", "content": "And its population?"},
+    {"role": "assistant", "content": "<think>\nAbout 2.1 million in the city proper.\n</think>\n\nAbout 2.1 million."},
+]
+REASONING_KEY = [{"role": "user", "content": "Name a prime."},
+                 {"role": "assistant", "content": "Seven.", "reasoning_content": "Seven is prime."}]
+# A tool call (null content), its result (JSON text: Llama-3.1's template JSON-quotes it again), the answer.
+CALL = [{"role": "user", "content": "Weather in Oslo?"},
+        {"role": "assistant", "content": None,
+         "tool_calls": [{"type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]},
+        {"role": "tool", "content": '{"temp_c": -3}'},
+        {"role": "assistant", "content": "It is -3 C in Oslo."}]
+IPYTHON_CALL = [dict(m, role="ipython") if m["role"] == "tool" else m for m in CALL]  # Meta's name for the tool role
+
+QWEN3_TOOLS = ('<|im_start|>system\n# Tools\n\nYou may call one or more functions to assist with the user query.\n\nYou are '
+               'provided with function signatures within <tools></tools> XML tags:\n<tools>\n{"type": "function", "function": '
+               '{"name": "get_weather", "description": "The weather in a city.", "parameters": {"type": "object", "properties": '
+               '{"city": {"type": "string"}}}}}\n</tools>\n\nFor each function call, return a json object with function name and '
+               'arguments within <tool_call></tool_call> XML tags:\n<tool_call>\n{"name": <function-name>, "arguments": '
+               '<args-json-object>}\n</tool_call><|im_end|>\n<|im_start|>user\n')
+LLAMA31_HEADER = "<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nCutting Knowledge Date: December 2023\nToday Date: 26 Jul 2024\n\n"
+LLAMA31_TOOLS = ("<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\nEnvironment: ipython\nCutting Knowledge Date: "
+                 "December 2023\nToday Date: 26 Jul 2024\n\n<|eot_id|><|start_header_id|>user<|end_header_id|>\n\nGiven the following "
+                 "functions, please respond with a JSON for a function call with its proper arguments that best answers the given "
+                 'prompt.\n\nRespond in the format {"name": function name, "parameters": dictionary of argument name and its value}.'
+                 "Do not use variables.\n\n" + json.dumps(TOOLS[0], indent=4) + "\n\n")
+
+# family -> [(messages, tools, hand-verified runs)]
+FAMILY_CASES = {
+    "gemma3": [
+        # The system prompt is folded into the first user turn; it keeps its own label.
+        (SYSTEM_TWO_TURNS, None, [
+            (P, "<s><start_of_turn> user\n"), (S, "You answer in one sentence."), (P, "\n\n"), (U, "What is the capital of France?"),
+            (P, "<end_of_turn> \n<start_of_turn> model\n"), (R, "The capital of France is Paris.<end_of_turn>"),
+            (P, "\n<start_of_turn> user\n"), (U, "And its population?"), (P, "<end_of_turn> \n<start_of_turn> model\n"),
+            (R, "About 2.1 million people live in Paris.<end_of_turn>"), (P, "\n")]),
+        (ONE_TURN, None, [(P, "<s><start_of_turn> user\n"), (U, "Name a prime."), (P, "<end_of_turn> \n<start_of_turn> model\n"),
+                          (R, "Seven.<end_of_turn>"), (P, "\n")]),
+    ],
+    "qwen3": [
+        # The last answer gets an empty think block: what the model writes after "<|im_start|>assistant\n".
+        (SYSTEM_TWO_TURNS, None, [
+            (P, "<|im_start|>system\n"), (S, "You answer in one sentence."), (P, "<|im_end|>\n<|im_start|>user\n"),
+            (U, "What is the capital of France?"), (P, "<|im_end|>\n<|im_start|>assistant\n"), (R, "The capital of France is Paris.<|im_end|>"),
+            (P, "\n<|im_start|>user\n"), (U, "And its population?"), (P, "<|im_end|>\n<|im_start|>assistant\n"),
+            (R, "<think>\n\n</think>\n\nAbout 2.1 million people live in Paris.<|im_end|>"), (P, "\n")]),
+        # The first turn's reasoning is not rendered (Qwen3's template drops it from history); the last one's is response.
+        (THINKING, None, [
+            (P, "<|im_start|>user\n"), (U, "What is the capital of France?"), (P, "<|im_end|>\n<|im_start|>assistant\n"),
+            (R, "Paris.<|im_end|>"), (P, "\n<|im_start|>user\n"), (U, "And its population?"), (P, "<|im_end|>\n<|im_start|>assistant\n"),
+            (R, "<think>\nAbout 2.1 million in the city proper.\n</think>\n\nAbout 2.1 million.<|im_end|>"), (P, "\n")]),
+        (REASONING_KEY, None, [
+            (P, "<|im_start|>user\n"), (U, "Name a prime."), (P, "<|im_end|>\n<|im_start|>assistant\n"),
+            (R, "<think>\nSeven is prime.\n</think>\n\nSeven.<|im_end|>"), (P, "\n")]),
+        (CALL, TOOLS, [
+            (P, QWEN3_TOOLS), (U, "Weather in Oslo?"), (P, "<|im_end|>\n<|im_start|>assistant\n"),
+            (R, '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call><|im_end|>'),
+            (P, "\n<|im_start|>user\n<tool_response>\n"), (T, '{"temp_c": -3}'), (P, "\n</tool_response><|im_end|>\n<|im_start|>assistant\n"),
+            (R, "<think>\n\n</think>\n\nIt is -3 C in Oslo.<|im_end|>"), (P, "\n")]),
+    ],
+    "llama3.1": [
+        (SYSTEM_TWO_TURNS, None, [
+            (P, LLAMA31_HEADER), (S, "You answer in one sentence."), (P, "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"),
+            (U, "What is the capital of France?"), (P, "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+            (R, "The capital of France is Paris.<|eot_id|>"), (P, "<|start_header_id|>user<|end_header_id|>\n\n"), (U, "And its population?"),
+            (P, "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"), (R, "About 2.1 million people live in Paris.<|eot_id|>")]),
+        (ONE_TURN, None, [
+            (P, LLAMA31_HEADER + "<|eot_id|><|start_header_id|>user<|end_header_id|>\n\n"), (U, "Name a prime."),
+            (P, "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"), (R, "Seven.<|eot_id|>")]),
+        # The tool result is rendered JSON-quoted (its template applies tojson to a string): labelled tool all the same.
+        (IPYTHON_CALL, TOOLS, [
+            (P, LLAMA31_TOOLS), (U, "Weather in Oslo?"), (P, "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"),
+            (R, '{"name": "get_weather", "parameters": {"city": "Oslo"}}<|eot_id|>'), (P, "<|start_header_id|>ipython<|end_header_id|>\n\n"),
+            (T, '"{\\"temp_c\\": -3}"'), (P, "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n"), (R, "It is -3 C in Oslo.<|eot_id|>")]),
+    ],
+}
+
+
+@pytest.mark.parametrize("family", chat_families.FAMILIES)
+def test_family_templates_against_the_assistant_tokens_mask(tmp_path, family):
+    """Gemma 3 (system folded into the first user turn, role `model`), Qwen3 (<think> blocks, reasoning
+    dropped from earlier turns, `reasoning_content`, tool calls and results) and Llama-3.1 (date/knowledge
+    header, tools in the first user turn, `ipython` results) through the preprocessing run with the
+    tokenizer's own template: ids equal apply_chat_template; the response labels equal, token for token,
+    transformers' assistant mask from the `{% generation %}`-tagged template (which renders the same
+    text); every run of labels equals the hand-verified one. Checked against the labelling before it
+    learnt where the generation prompt ends, what an assistant's other keys render and content a
+    template moves or quotes: Qwen3's `reasoning_content` was silently labelled prompt (10 tokens off
+    the mask), as its empty think block (5), a `<think>` block in the content was refused, and so were
+    Llama-3.1's `ipython` role and its JSON-quoted tool results."""
+    tokenizer = chat_families.tokenizer(family)
+    generation_template = chat_families.template(family, generation=True)
+    cases = FAMILY_CASES[family]
+    written, report = preprocess(tmp_path, tokenizer, None, [dict(messages=m, **({"tools": t} if t else {})) for m, t, _ in cases])
+    assert len(written) == len(cases)
+    for (messages, tools, expected), (ids, roles) in zip(cases, written):
+        assert ids == tokenizer.apply_chat_template(messages, tools=tools, tokenize=True, return_dict=False)
+        assert tokenizer.apply_chat_template(messages, tools=tools, tokenize=False) == tokenizer.apply_chat_template(
+            messages, tools=tools, tokenize=False, chat_template=generation_template)
+        mask = tokenizer.apply_chat_template(messages, tools=tools, chat_template=generation_template, return_dict=True,
+                                             return_assistant_tokens_mask=True)
+        assert mask["input_ids"] == ids and sum(mask["assistant_masks"]) > 0
+        assert [int(r == R) for r in roles] == mask["assistant_masks"]
+        assert runs(tokenizer, ids, roles) == expected
+
+
+def test_family_templates_refuse_what_they_cannot_render():
+    """What a template drops or refuses is a refused record with the reason, not a mislabelled one:
+    Gemma 3's template has no tool role; Llama-3.1's drops an assistant's text next to a tool call."""
+    from wit_megatron.data.formats import RecordError, parse_record
+    from wit_megatron.data.tokenize import ChatEncoder
+
+    gemma = ChatEncoder(chat_families.tokenizer("gemma3"))
+    with pytest.raises(RecordError, match="^template_error: TemplateError: Conversation roles must alternate"):
+        gemma.encode(parse_record({"messages": WITH_TOOL}))
+    llama = ChatEncoder(chat_families.tokenizer("llama3.1"))
+    text_and_call = [CALL[0], dict(CALL[1], content="Let me look."), *CALL[2:]]
+    with pytest.raises(RecordError, match=r"^unlocatable_content: message 1 \(assistant\): the template does not render its content$"):
+        llama.encode(parse_record({"messages": text_and_call}))
+
+
+def test_content_the_template_rewrites_in_place_keeps_its_label():
+    """A template that renders a content changed but in its place (`| upper`) labels the changed text
+    with the message's role; one that renders it changed and other text around it depending on it
+    (here its length) is refused. (Text after a content rendered verbatim is scaffolding either way.)"""
+    from wit_megatron.data.formats import RecordError, parse_record
+    from wit_megatron.data.tokenize import BUILTIN_TEMPLATES, ChatEncoder
+
+    tokenizer = smollm2.load_tokenizer()
+    upper = ChatEncoder(tokenizer, BUILTIN_TEMPLATES["chatml"].replace("message['content']", "message['content'] | upper"))
+    encoded = upper.encode(parse_record({"messages": ONE_TURN}))
+    assert runs(tokenizer, encoded.ids.tolist(), encoded.roles.tolist()) == [
+        (P, "<|im_start|>user\n"), (U, "NAME A PRIME."), (P, "<|im_end|>\n<|im_start|>assistant\n"), (R, "SEVEN.<|im_end|>"), (P, "\n")]
+    counted = ChatEncoder(tokenizer, BUILTIN_TEMPLATES["chatml"].replace(
+        "message['content']", "(message['content'] | upper) + ' (' + (message['content'] | length | string) + ' characters)'"))
+    with pytest.raises(RecordError, match=r"^unlocatable_content: message 0 \(user\): the template renders other text around its content"):
+        counted.encode(parse_record({"messages": ONE_TURN}))
+

@@ -188,29 +188,52 @@ def test_deterministic_order_and_resumption(humaneval_prefix, tmp_path):
     assert not np.array_equal(epochs[0], epochs[1])  # each epoch is shuffled afresh
 
 
-def test_blend_with_weights_and_splits(humaneval_prefix, tmp_path):
-    """Two datasets blended 0.3 / 0.7 with a 90/10 split, as Megatron users set it up."""
+def test_blend_with_weights_and_splits(tmp_path):
+    """Two different datasets (HumanEval's first and second halves, preprocessed apart) blended 0.3 / 0.7
+    with a 90/10 split, as Megatron users set it up: every record of every train and valid sample is a
+    record of the dataset its `dataset_id` names, with its reference tokens, labels and weights. (A blend
+    of two copies of one prefix, as this test had, passes even when a sub-dataset reads the wrong prefix:
+    checked by giving both sub-datasets the first prefix, which this test refuses.)"""
     from megatron.core.datasets.blended_dataset import BlendedDataset
 
-    prefix, _ = humaneval_prefix
-    other = str(tmp_path / "copy")
-    for suffix in ("_tokens.bin", "_tokens.idx", "_roles.bin", "_roles.idx", ".meta.json"):
-        Path(other + suffix).write_bytes(Path(prefix + suffix).read_bytes())
-    cfg = config(prefix, tmp_path, seq_length=256, blend=([prefix, other], [0.3, 0.7]), split="90,10,0")
+    records, tokenizer = humaneval(), smollm2.load_tokenizer()
+    halves = [records[:82], records[82:]]
+    prefixes, sources = [], []
+    for i, half in enumerate(halves):
+        prefix = str(tmp_path / f"half{i}")
+        run(PreprocessConfig([write_jsonl(tmp_path / f"half{i}.jsonl", half)], prefix, str(smollm2.tokenizer_dir()), progress=False),
+            tokenizer=tokenizer)
+        prefixes.append(prefix)
+        sources.append({tuple(ids[:-1]): (ids, b) for ids, b in (authors_reference(tokenizer, r) for r in half)})
+    assert not set(sources[0]) & set(sources[1])
+    seq_length = 1024  # no HumanEval record is cut at this length
+    cfg = config(prefixes, tmp_path, seq_length=seq_length, blend=(prefixes, [0.3, 0.7]), split="90,10,0")
     train, valid, test = build_datasets(cfg, [200, 20, 0])
     assert isinstance(train, BlendedDataset) and len(train) == 200 and len(valid) == 20 and test is None  # split 0 -> None
+    assert all(isinstance(d, WITDataset) for d in train.datasets)
     ids = np.array([int(train[i]["dataset_id"]) for i in range(len(train))])
     assert abs((ids == 0).mean() - 0.3) < 0.02
-    mids = train.datasets
-    assert all(isinstance(d, WITDataset) for d in mids)
-    # a blended sample is its mid-level dataset's sample
-    for i in (0, 5, 99):
-        s = train[i]
-        ref = mids[train.dataset_index[i]][train.dataset_sample_index[i]]
-        assert all(torch.equal(s[k], ref[k]) for k in ref)
-    # train and valid records are disjoint (split by record)
-    train_records = set(mids[0].indices.tolist())
-    assert not train_records & set(valid.datasets[0].indices.tolist())
+    expected = {}  # tokens -> the record's reference sample, built once
+    records_seen = [set(), set()]
+    for blend in (train, valid):
+        for i in range(len(blend)):
+            sample = blend[i]
+            source = int(sample["dataset_id"])
+            lists = {k: sample[k].tolist() for k in KEYS}
+            ends = np.cumsum(np.bincount(sample["document_ids"][sample["document_ids"] >= 0].numpy()))  # records are contiguous
+            for start, end in zip([0, *ends[:-1]], ends):
+                piece = {k: v[start:end] for k, v in lists.items()}
+                tokens = tuple(piece["tokens"])
+                assert tokens in sources[source], f"sample {i} of dataset {source} holds a record of the other dataset"
+                if tokens not in expected:
+                    record_ids, boundary = sources[source][tokens]
+                    expected[tokens] = reference_sample(record_ids, boundary, (0.2, 1.0), len(record_ids) - 1)
+                assert piece == expected[tokens]
+                records_seen[source].add((blend is valid, tokens))
+    # both datasets are read, and train and valid records are disjoint (split by record)
+    for seen in records_seen:
+        train_records, valid_records = {t for v, t in seen if not v}, {t for v, t in seen if v}
+        assert train_records and valid_records and not train_records & valid_records
 
 
 def _mapped_files() -> set[str]:

@@ -51,8 +51,8 @@ CASES = [
      "bad_structure", "messages[1]'s 'tool_calls' must be a list on an assistant message", {}),
     ("template raises", json.dumps({"messages": [{"role": "assistant", "content": "a"}]}), "template_error", "roles must alternate",
      {"chat_template": "mistral"}),
-    ("template rewrites content", json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
-     "unlocatable_content", "message 0 (user): content not found", {"chat_template": "upper"}),
+    ("template renders text depending on the content", json.dumps({"messages": [{"role": "user", "content": "a"}, {"role": "assistant", "content": "b"}]}),
+     "unlocatable_content", "message 0 (user): the template renders other text around its content depending on it", {"chat_template": "counted"}),
     ("response truncated away", json.dumps(LONG_PROMPT), "no_response_tokens", "truncation to 64 tokens (right) left no response token",
      {"max_length": 64, "truncation": "right"}),
     # SmolLM2's own template does not render tool calls, and the content is empty: nothing is the assistant's.
@@ -76,9 +76,9 @@ def write(tmp_path: Path, bad_line: str, extra: dict) -> tuple[str, dict]:
     path = tmp_path / "data.jsonl"
     path.write_text("\n".join([json.dumps(GOOD), bad_line, json.dumps(GOOD)]) + "\n")
     extra = dict(extra)
-    if extra.get("chat_template") == "upper":
-        template = tmp_path / "upper.jinja"
-        template.write_text(BUILTIN_TEMPLATES["chatml"].replace("message['content']", "message['content'] | upper"))
+    if extra.get("chat_template") == "counted":  # the content upper-cased, and its length after it
+        template = tmp_path / "counted.jinja"
+        template.write_text(BUILTIN_TEMPLATES["chatml"].replace("message['content']", "(message['content'] | upper) + ' [' + (message['content'] | length | string) + ']'"))
         extra["chat_template"] = str(template)
     return str(path), extra
 

@@ -18,6 +18,26 @@ def make(seed=0, b=3, s=11):
     return nll, weights, mask, response
 
 
+def hand_formula(nll, weights, mask=None):
+    """(Σ w·NLL, N) over the targets inside `mask`, written out element by element."""
+    total, count = 0.0, 0
+    for i in range(nll.shape[0]):
+        for j in range(nll.shape[1]):
+            if (mask is None or mask[i, j]) and weights[i, j] != 0:
+                total += float(weights[i, j]) * float(nll[i, j])
+                count += 1
+    return total, count
+
+
+def weights_beyond_the_mask(seed):
+    """make()'s batch with non-zero weights under a zero loss_mask too (padding a dataset forgot to
+    zero), and a mask that differs from where the weights are non-zero."""
+    nll, weights, mask, response = make(seed)
+    beyond = weights + 0.6 * (mask == 0)
+    assert bool((beyond[mask == 0] != 0).all()) and int((mask == 0).sum()) >= 3
+    return nll, beyond, mask, response
+
+
 def test_terms_match_hand_written_formula():
     nll, weights, mask, response = make()
     total, n, report = wit_loss(nll, weights, mask, response)
@@ -101,11 +121,37 @@ def test_role_weights_validation_and_table():
         RoleWeights(float("nan"), 1.0)
 
 
-def test_megatron_lm_signature_both_ways():
-    nll, weights, mask, response = make(4)
-    explicit = megatron_lm_loss_func(mask, nll, None, loss_weights=weights, response_mask=response)
-    as_mask = megatron_lm_loss_func(weights, nll)
-    assert float(explicit[0]) == pytest.approx(float(as_mask[0])) and int(explicit[1]) == int(as_mask[1])
+def test_weights_outside_the_loss_mask_are_ignored():
+    """Non-zero weights where loss_mask is 0 count neither in Σ w·NLL nor in N and get no gradient.
+    Fails on a wit_loss without its masking line (`weights = weights * targets`): checked by
+    deleting it, which gave N = 33 instead of 29 here (and 33 instead of 27 in the adapter test below)."""
+    nll, weights, mask, response = weights_beyond_the_mask(5)
+    nll.requires_grad_(True)
+    total, n, report = wit_loss(nll, weights, mask, response)
+    expected_sum, expected_n = hand_formula(nll.detach(), weights, mask)
+    assert int(n) == expected_n and float(total) == pytest.approx(expected_sum, rel=1e-6)
+    assert report["lm loss"].tolist() == pytest.approx([expected_sum, expected_n], rel=1e-6)
+    total.backward()
+    assert bool((nll.grad[mask == 0] == 0).all())
+    torch.testing.assert_close(nll.grad, weights * mask, rtol=0, atol=0)
+
+
+def test_megatron_lm_adapter_against_the_hand_formula():
+    """Both ways of calling Megatron-LM's `loss_func` signature, against the hand formula: explicit
+    weights with a loss_mask that differs from them (weights beyond the mask are ignored), and float
+    weights in the loss-mask slot (every non-zero weight is a target)."""
+    nll, weights, mask, response = weights_beyond_the_mask(4)
+    total, n, report = megatron_lm_loss_func(mask, nll, None, loss_weights=weights, response_mask=response)
+    expected_sum, expected_n = hand_formula(nll, weights, mask)
+    assert int(n) == expected_n and float(total) == pytest.approx(expected_sum, rel=1e-6)
+    assert set(report) == {"lm loss", "prompt nll", "response nll"}
+    assert report["response nll"][1] == float((mask.bool() & response).sum())  # the mask, not the weights, picks targets
+
+    total, n, report = megatron_lm_loss_func(weights, nll)
+    expected_sum, expected_n = hand_formula(nll, weights)
+    assert expected_n > int((weights * mask != 0).sum())  # the weights beyond the mask count here
+    assert int(n) == expected_n and float(total) == pytest.approx(expected_sum, rel=1e-6)
+    assert set(report) == {"lm loss"}
 
 
 def test_reduce_reports_sums_pairs_then_divides():

@@ -1,5 +1,13 @@
 """The WIT loss through Megatron-Core equals an independent single-process reference, and the loss and
-gradients are the same under every parallel layout and micro-batch size."""
+gradients are the same under every parallel layout and micro-batch size.
+
+Context parallelism (cp2, tp2cp2, cp2dp2, pp2cp2) runs on CPU with megatron-core's local spec and an
+all-gather CP attention (wit_megatron/testing/cp_attention.py) in place of Transformer Engine's ring
+attention: everything else is megatron-core's own CP path (get_batch's load-balanced slicing, RoPE's
+per-rank positions, N and gradients reduced over the data×context-parallel group). The ring attention
+itself is checked by tests/gpu/check_wit_gpu.py on two GPUs. Reducing the reports over the
+data-parallel group without the context-parallel ranks (a deliberately broken forward_backward)
+fails the cp cases here: each CP rank then reports the loss of its half of the tokens."""
 
 import pytest
 import torch
@@ -50,27 +58,34 @@ def check_against_reference(results, cases, references, only=None):
             assert err <= GRAD_RTOL, f"{label}: {name} gradient off by {err:.2e} (relative)"
 
 
+CP2 = (1, 1, None, 2)
+
+
 def test_layouts_two_ranks_and_lambda_grid():
-    """dp2, tp2, pp2 and pp2 with virtual pipeline, micro-batch sizes 1/2/4; the paper's λ corners."""
+    """dp2, tp2, pp2, pp2 with virtual pipeline, micro-batch sizes 1/2/4, and cp2 (1/4); the paper's λ corners."""
     main = batch_spec((0.2, 0.8))
     cases = [
         {"layout": layout, "mbs": mbs, "batch": main}
         for layout in [(1, 1), (2, 1), (1, 2), (1, 2, 2)]
         for mbs in (1, 2, 4)
     ]
+    cases += [{"layout": CP2, "mbs": mbs, "batch": main} for mbs in (1, 4)]
     grid = [batch_spec(lam, seed=2) for lam in [(0.0, 1.0), (1.0, 1.0), (0.5, 0.5)]]
     cases += [{"layout": layout, "mbs": 2, "batch": b} for b in grid for layout in [(2, 1), (1, 2)]]
+    cases += [{"layout": CP2, "mbs": 2, "batch": grid[0]}]
     references = [main] + grid
     results = run_distributed("tests.scenarios.parity:run", 2, cases=cases, references=references)
     check_against_reference(results, cases, references)
 
 
 def test_layouts_four_ranks():
-    """tp2pp2, tp2dp2, pp2 with virtual pipeline at dp2 (which needs >= pp micro-batches), dp4."""
+    """tp2pp2, tp2dp2, pp2 with virtual pipeline at dp2 (which needs >= pp micro-batches), dp4;
+    tp2cp2, cp2dp2 and pp2cp2."""
     main = batch_spec((0.2, 0.8), seed=3)
     cases = [
         {"layout": layout, "mbs": mbs, "batch": main}
-        for layout, sizes in [((2, 2), (1, 2, 4)), ((2, 1), (1, 2, 4)), ((1, 2, 2), (1, 2)), ((1, 1), (1, 2))]
+        for layout, sizes in [((2, 2), (1, 2, 4)), ((2, 1), (1, 2, 4)), ((1, 2, 2), (1, 2)), ((1, 1), (1, 2)),
+                              ((2, 1, None, 2), (2,)), (CP2, (2,)), ((1, 2, None, 2), (2,))]
         for mbs in sizes
     ]
     results = run_distributed("tests.scenarios.parity:run", 4, cases=cases, references=[main])

@@ -6,7 +6,9 @@ checkpoint as `megatron_lm_flags.txt`. Megatron-LM's `--use-checkpoint-args` is 
 its `load_args_from_checkpoint` restores layers, sizes, heads, RoPE base, biases and tying, but not
 `norm_epsilon`, `qk_layernorm`, `use_rope_scaling` or `rope_scaling_factor`, so a Qwen3 model loads
 without its q/k norms and a Llama-3.1 model without its RoPE scaling, silently (logits off by 0.7 and
-1.5e-3 on the test models).
+1.5e-3 on the test models). And one setting no flag can carry: Megatron-LM's pretrain_gpt.py parses
+`--rope-scaling-factor` but never passes it to GPTModel (core_v0.16.1 to core_v0.19.0), which keeps
+its default 8.0; `megatron_lm_caveats` names it for the converter to print.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from wit_megatron.model import GPTArch
 from wit_megatron.runtime.parallel import ParallelLayout
 
 FLAGS_FILE = "megatron_lm_flags.txt"
+GPT_MODEL_ROPE_SCALING_FACTOR = 8.0  # GPTModel's default: the factor Megatron-LM's pretrain_gpt.py builds with
 
 
 def megatron_lm_args(arch: GPTArch, dtype: torch.dtype, layout: ParallelLayout = ParallelLayout(),
@@ -31,7 +34,8 @@ def megatron_lm_args(arch: GPTArch, dtype: torch.dtype, layout: ParallelLayout =
         num_query_groups=arch.num_query_groups, kv_channels=arch.kv_channels or arch.hidden_size // arch.num_attention_heads,
         max_position_embeddings=arch.max_position_embeddings, seq_length=arch.max_position_embeddings,
         position_embedding_type="rope", rotary_base=arch.rotary_base, rotary_percent=1.0,
-        use_rope_scaling=arch.rope_scaling_factor is not None, rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+        use_rope_scaling=arch.rope_scaling_factor is not None,
+        rope_scaling_factor=arch.rope_scaling_factor or GPT_MODEL_ROPE_SCALING_FACTOR,
         normalization="RMSNorm", norm_epsilon=arch.norm_epsilon, swiglu=True,
         untie_embeddings_and_output_weights=not arch.tie_embeddings, add_qkv_bias=arch.add_qkv_bias or arch.add_bias_linear,
         add_bias_linear=arch.add_bias_linear, qk_layernorm=arch.qk_layernorm,
@@ -69,6 +73,17 @@ def megatron_lm_flags(arch: GPTArch) -> list[str]:
     if arch.vocab_size == arch.tokenizer_vocab_size:
         flags += ["--make-vocab-size-divisible-by", "1"]
     return flags
+
+
+def megatron_lm_caveats(arch: GPTArch) -> list[str]:
+    """What Megatron-LM's pretrain_gpt.py builds differently from `arch` even with the flags file."""
+    factor = arch.rope_scaling_factor
+    if factor is None or factor == GPT_MODEL_ROPE_SCALING_FACTOR:
+        return []
+    return [f"RoPE scaling factor {factor}: Megatron-LM's pretrain_gpt.py (megatron-core 0.16 to 0.19) parses "
+            f"--rope-scaling-factor but does not pass it to GPTModel, which then scales by {GPT_MODEL_ROPE_SCALING_FACTOR}; "
+            f"this checkpoint trains with the wrong RoPE there unless its model builder passes "
+            f"rope_scaling_factor=args.rope_scaling_factor (examples/pretrain_wit.py builds it with {factor})"]
 
 
 def _option(name: str) -> str:

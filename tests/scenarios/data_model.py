@@ -2,9 +2,10 @@
 WITDataset built (on every rank, through megatron-core's builder) from preprocessed HumanEval.
 
 `run` does, in one launch:
-  1. tp2pp2 (4 ranks): one global batch of packed samples through get_batch / forward_backward;
+  1. one global batch of packed samples through get_batch / forward_backward at each of `layouts` (4
+     ranks: tp2pp2 at dp1, tp2 at dp2), returning the report and the full gradients of each stage;
   2. the single-process reference for that batch (rank 0, tp1pp1): full logits, float64 log-softmax,
-     its own block-diagonal mask, Σ w·NLL / N;
+     its own block-diagonal mask, Σ w·NLL / N, and its gradients;
   3. packed vs unpacked (rank 0): per-token NLL of each record of packed samples vs the same record
      alone in an unpacked sample.
 """
@@ -17,7 +18,7 @@ from wit_megatron.data.dataset import WITDatasetConfig, build_datasets
 from wit_megatron.model import GPTArch, build_model, transformer_config
 from wit_megatron.roles import RoleWeights
 from wit_megatron.runtime.parallel import ParallelLayout, init_model_parallel
-from wit_megatron.testing.params import load_full_tensors, seeded_weights
+from wit_megatron.testing.params import gather_full_grads, load_full_tensors, named_full_params, seeded_weights
 from wit_megatron.training.step import forward_backward, wrap_ddp
 
 ARCH = GPTArch(
@@ -54,29 +55,43 @@ def most_packed(packed, count: int) -> list[int]:
     return sorted(range(len(packed)), key=lambda i: (-records[i], i))[:count]
 
 
-def tp2pp2_loss(train, chosen: list[int], seq_length: int, mbs: int, num_microbatches: int) -> dict:
+def parallel_step(train, chosen: list[int], layout: tuple, seq_length: int, mbs: int) -> dict:
+    """The global batch `chosen` at `layout` (tp, pp), split over the data-parallel ranks: the report and
+    this stage's full gradients (on TP rank 0 of DP rank 0; None elsewhere)."""
     from megatron.core import parallel_state as ps
 
-    layout = ParallelLayout(tp=2, pp=2)
+    layout = ParallelLayout(*layout)
     init_model_parallel(layout)
     chunks, config = tiny_model(layout)
     model = wrap_ddp(chunks, config)
-    batches = [collate(train, chosen[m * mbs : (m + 1) * mbs]) for m in range(num_microbatches)]
-    iterators = [iter(batches) if ps.get_tensor_model_parallel_rank() == 0 else None for _ in model]
-    return forward_backward(model, iterators, num_microbatches, mbs, seq_length)
+    dp, dp_rank = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    mine = chosen[dp_rank * len(chosen) // dp : (dp_rank + 1) * len(chosen) // dp]
+    batches = [collate(train, mine[m : m + mbs]) for m in range(0, len(mine), mbs)]
+    tp_rank = ps.get_tensor_model_parallel_rank()
+    iterators = [iter(batches) if tp_rank == 0 else None for _ in model]
+    report = forward_backward(model, iterators, len(batches), mbs, seq_length)
+    grads = gather_full_grads(model)
+    return {"layout": str(layout), "report": report, "grads": grads if tp_rank == 0 and dp_rank == 0 else None}
 
 
-def reference_loss(train, chosen: list[int]) -> dict:
+def reference(train, chosen: list[int]) -> dict:
+    """Loss and gradients of Σ w·NLL / N over the batch, one sample's backward at a time (the float64
+    log-softmax over 49,152 logits per token would otherwise hold ~1 GB)."""
     (model,), _ = tiny_model(ParallelLayout())
     batch = collate(train, chosen)
     doc = batch["document_ids"]
     s = doc.shape[1]
     allowed = (doc[:, :, None] == doc[:, None, :]) & torch.ones(s, s, dtype=torch.bool).tril()
-    with torch.no_grad():
-        nll = token_nll(model, batch, ~allowed[:, None])
     w = batch["loss_weights"].double()
     n = int((w != 0).sum())
-    return {"loss": float((w * nll).sum() / n), "n": n, "records": int(doc.max(dim=1).values.add(1).sum())}
+    loss = 0.0
+    for i in range(len(chosen)):
+        one = {k: v[i : i + 1] for k, v in batch.items()}
+        part = (w[i : i + 1] * token_nll(model, one, ~allowed[i : i + 1, None])).sum() / n
+        part.backward()
+        loss += part.item()
+    grads = {name: p.grad.float().clone() for name, p in named_full_params([model])}
+    return {"loss": loss, "n": n, "records": int(doc.max(dim=1).values.add(1).sum()), "grads": grads}
 
 
 def token_nll(model, batch: dict, attention_mask) -> torch.Tensor:
@@ -108,15 +123,17 @@ def packed_vs_unpacked(packed, unpacked, chosen: list[int], dtype: torch.dtype) 
     return out
 
 
-def run(prefix: str, cache: str, seq_length: int, mbs: int, num_microbatches: int, compare_samples: int) -> dict:
+def run(prefix: str, cache: str, seq_length: int, layouts: list[tuple], mbs: list[int], samples: int,
+        compare_samples: int) -> dict:
     # Dataset building is a collective (rank 0 builds and caches first): every rank builds both.
     packed = datasets(prefix, cache, seq_length, packing=True)
     unpacked = datasets(prefix, cache, seq_length, packing=False)
-    chosen = most_packed(packed, max(mbs * num_microbatches, compare_samples))
-    out = {"report": tp2pp2_loss(packed, chosen, seq_length, mbs, num_microbatches), "reference": None, "packing": None}
+    chosen = most_packed(packed, max(samples, compare_samples))
+    out = {"steps": [parallel_step(packed, chosen[:samples], layout, seq_length, m) for layout, m in zip(layouts, mbs)],
+           "reference": None, "packing": None}
     init_model_parallel(ParallelLayout())  # a collective too
     if torch.distributed.get_rank() == 0:
-        out["reference"] = reference_loss(packed, chosen[: mbs * num_microbatches])
+        out["reference"] = reference(packed, chosen[:samples])
         out["packing"] = {str(dtype).removeprefix("torch."): packed_vs_unpacked(packed, unpacked, chosen[:compare_samples], dtype)
                           for dtype in (torch.float32, torch.float64)}
     torch.distributed.barrier()

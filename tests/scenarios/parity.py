@@ -11,10 +11,11 @@ import os
 
 import torch
 
-from wit_megatron.model import GPTArch, build_model, transformer_config
+from wit_megatron.model import GPTArch, build_model, transformer_config, transformer_engine_available
 from wit_megatron.roles import RoleWeights
 from wit_megatron.runtime.parallel import ParallelLayout, init_model_parallel
-from wit_megatron.testing.params import gather_full_grads, load_full_tensors, seeded_weights
+from wit_megatron.testing.cp_attention import cp_layer_spec
+from wit_megatron.testing.params import gather_full_grads, load_full_tensors, named_full_params, seeded_weights
 from wit_megatron.testing.synthetic import micro_batches, synthetic_batch
 from wit_megatron.training.step import forward_backward, wrap_ddp
 
@@ -33,13 +34,15 @@ def make_batch(spec: dict) -> dict[str, torch.Tensor]:
     )
 
 
-def run_case(layout: tuple, micro_batch_size: int, batch: dict) -> dict:
+def run_case(layout: tuple, micro_batch_size: int, batch: dict, dtype: str = "float32") -> dict:
     from megatron.core import parallel_state as ps
 
     layout = ParallelLayout(*layout)
     init_model_parallel(layout)
-    config = transformer_config(ARCH, layout)
-    chunks = build_model(ARCH, config)
+    config = transformer_config(ARCH, layout, dtype=getattr(torch, dtype))
+    # cp >= 2 without Transformer Engine: the local spec with an all-gather CP attention (see cp_attention.py).
+    spec = cp_layer_spec(ARCH) if layout.cp > 1 and not transformer_engine_available() else None
+    chunks = build_model(ARCH, config, spec=spec)
     load_full_tensors(chunks, seeded_weights(WEIGHT_SEED))
     model = wrap_ddp(chunks, config)
     data = make_batch(batch)
@@ -52,8 +55,8 @@ def run_case(layout: tuple, micro_batch_size: int, batch: dict) -> dict:
         for _ in model
     ]
     report = forward_backward(model, iterators, per_rank // micro_batch_size, micro_batch_size, SEQ_LEN)
-    grads = gather_full_grads(model)
-    keep = tp_rank == 0 and dp_rank == 0
+    grads = {name: g.cpu() for name, g in gather_full_grads(model).items()}
+    keep = tp_rank == 0 and dp_rank == 0 and ps.get_context_parallel_rank() == 0
     return {"layout": str(layout), "mbs": micro_batch_size, "report": report, "grads": grads if keep else None}
 
 
@@ -65,7 +68,8 @@ def reference(batch: dict) -> dict:
     config = transformer_config(ARCH, ParallelLayout())
     (model,) = build_model(ARCH, config)
     load_full_tensors([model], seeded_weights(WEIGHT_SEED))
-    data = make_batch(batch)
+    device = next(model.parameters()).device  # a GPU under tests/gpu/check_wit_gpu.py
+    data = {k: v.to(device) for k, v in make_batch(batch).items()}
     logits = model(data["tokens"], data["position_ids"], None)  # [b, s, vocab]
     logp = torch.log_softmax(logits.double(), dim=-1)
     nll = -logp.gather(-1, data["labels"].unsqueeze(-1)).squeeze(-1)
@@ -81,16 +85,17 @@ def reference(batch: dict) -> dict:
         "n": n,
         "prompt nll": (nll[prompt].sum() / prompt.sum()).item() if prompt.any() else 0.0,
         "response nll": (nll[resp].sum() / resp.sum()).item() if resp.any() else 0.0,
-        "nll": nll.detach(),
-        "weights": w,
-        "grads": {name: p.grad.detach().float().clone() for name, p in model.named_parameters()},
+        "nll": nll.detach().cpu(),
+        "weights": w.cpu(),
+        "grads": {name: p.grad.detach().float().cpu() for name, p in named_full_params([model])},  # local-spec names
     }
 
 
 def run(cases: list[dict], references: list[dict] = ()) -> dict:
-    """cases: {"layout": (tp, pp, vpp), "mbs": int, "batch": batch spec}; references: batch specs."""
+    """cases: {"layout": (tp, pp, vpp, cp), "mbs": int, "batch": batch spec, optional "dtype": "bfloat16"};
+    references (float32): batch specs."""
     return {
-        "cases": [run_case(c["layout"], c["mbs"], c["batch"]) for c in cases],
+        "cases": [run_case(c["layout"], c["mbs"], c["batch"], c.get("dtype", "float32")) for c in cases],
         "references": [reference(b) for b in references],
         "threads": len(os.listdir(f"/proc/{os.getpid()}/task")),  # after every layout switch of the launch
     }

@@ -29,6 +29,7 @@ from wit_megatron.convert.output import atomic_output_dir
 from wit_megatron.convert.safetensors_io import SafetensorsReader
 from wit_megatron.convert.sharded import meta_model, tensor_entries, with_data
 from wit_megatron.convert.transforms import ConversionError, head_dim
+from wit_megatron.megatron_lm_args import megatron_lm_caveats
 from wit_megatron.model import GPTArch
 from wit_megatron.runtime.parallel import init_single_process
 
@@ -205,6 +206,8 @@ def convert_hf_to_megatron(hf_dir: Path, out: Path, dtype: Optional[str] = None,
             save_distributed_checkpoint(state, directory, writers=WRITERS)
         copy_assets(hf_dir, tmp / ckpt.ASSETS)
         ckpt.write_layout(tmp, None, record, None)
+    for caveat in megatron_lm_caveats(arch):
+        print(f"note: {caveat}", file=sys.stderr)
     return out
 
 

@@ -1,7 +1,7 @@
 """Instruction records: recognise and validate the three accepted record formats.
 
     paper     {"prompt": str, "response": str}                       the WIT paper's format
-    chat      {"messages": [{"role": ..., "content": str}, ...]}     roles system/user/assistant/tool
+    chat      {"messages": [{"role": ..., "content": str}, ...]}     roles system/user/assistant/tool (ipython: tool)
     sharegpt  {"conversations": [{"from": ..., "value": str}, ...]}  mapped onto chat
 
 Chat messages reach the chat template exactly as given, every key included (`name`, `tool_call_id`,
@@ -44,10 +44,14 @@ REASONS = {
     "no_response_tokens": "after tokenization and truncation no response token is left",
     "too_short": "fewer than 2 tokens: no target to learn",
     "template_error": "the chat template failed to render the conversation",
-    "unlocatable_content": "a message's content cannot be found in the rendered chat template",
+    "unlocatable_content": "a message's content cannot be found in the rendered chat template, or the template renders "
+                           "text around it that depends on it",
 }
 
 CHAT_ROLES = ("system", "user", "assistant", "tool")
+# Other role names chat records use, and the role their tokens are labelled with. The record keeps its
+# own name: the template receives it (Llama-3.1's renders tool results as `ipython`, its own name for them).
+CHAT_ROLE_ALIASES = {"ipython": "tool"}
 
 # ShareGPT speaker names seen in public ShareGPT-style sets, mapped to chat roles.
 SHAREGPT_ROLES = {
@@ -89,10 +93,6 @@ class Message:
     role: str  # one of CHAT_ROLES: what the message's tokens are labelled
     content: Optional[str]  # None only for an assistant message with tool_calls
     template_input: dict  # the message as the chat template receives it
-
-    @property
-    def has_tool_calls(self) -> bool:
-        return bool(self.template_input.get("tool_calls"))
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,7 @@ def parse_record(obj: Any, fmt: FormatName = "auto") -> Record:
     if fmt == "paper":
         return _parse_paper(obj)
     if fmt == "chat":
-        return _parse_messages(obj, "messages", "role", "content", {r: r for r in CHAT_ROLES})
+        return _parse_messages(obj, "messages", "role", "content", dict({r: r for r in CHAT_ROLES}, **CHAT_ROLE_ALIASES))
     if fmt == "sharegpt":
         return _parse_messages(obj, "conversations", "from", "value", SHAREGPT_ROLES)
     raise ValueError(f"unknown record format {fmt!r}; choose one of {FORMATS}")

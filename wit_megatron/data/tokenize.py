@@ -20,13 +20,20 @@ text outside the messages' contents, are PROMPT):
        with every content replaced by its own unique marker: putting the contents back at the markers
        must rebuild the real rendering exactly. Where it does not (a template whose scaffolding depends
        on the content), each message is probed alone: the text before its marker and the content itself
-       must match the real rendering;
-    2. a token whose characters overlap an assistant content span is RESPONSE, and so is the first token
-       after that span when it is a special token (the assistant's end-of-turn: <|im_end|>, <|eot_id|>, </s>);
-       an assistant's `tool_calls` are located by rendering once more without them (`tool_call_span`),
-       and its span runs from its content's start to its calls' end;
+       must match the real rendering, or else the message's span is the text that differs between the
+       two renderings, accepted where only the marker's place differs in the probe (content rendered
+       changed in place: JSON-quoted, upper-cased) or, for an assistant, where the differing text holds
+       the marker (a template that moves part of the assistant's content around it: Qwen3's <think>);
+    2. an assistant's span runs from its content's start to the end of what its other keys render
+       (`tool_calls`, `reasoning_content`: located by rendering once more without them, `extras_span`),
+       and back to the end of the template's generation prompt where that prompt is the last thing
+       before it (text the template puts between the two, e.g. Qwen3's think block, is what the model
+       writes when prompted); a token whose characters overlap it is RESPONSE, and so is the first token
+       after it when that is a special token (the assistant's end-of-turn: <|im_end|>, <|eot_id|>, </s>);
     3. a token overlapping a system/user/tool content span gets SYSTEM/USER/TOOL; everything else
        (template scaffolding: headers, BOS, turn markers of other roles) is PROMPT.
+A template that renders text around a non-assistant content depending on it, or an assistant's text
+reaching into another message's span, is refused (`unlocatable_content`), never guessed.
 
 Truncation (`truncation_window`) is shared with the dataset, which applies it again at load time to
 records longer than its sequence (a leading BOS survives a left cut; any other first token is cut
@@ -290,6 +297,7 @@ class ChatEncoder:
         self.special_ids = frozenset(tokenizer.all_special_ids) | frozenset(
             i for i, t in tokenizer.added_tokens_decoder.items() if t.special
         )
+        self._generation_prompts: dict[str, str] = {}  # template -> what add_generation_prompt appends
 
     def template_for(self, record: ChatRecord) -> str:
         """The template `apply_chat_template` would use for this record: the one chosen, else among the
@@ -308,6 +316,20 @@ class ChatEncoder:
                                                       tokenize=False)
         except Exception as e:  # jinja raise_exception(), undefined variables, ...
             raise RecordError("template_error", f"{type(e).__name__}: {e}") from None
+
+    def generation_prompt(self, template: str) -> str:
+        """What `add_generation_prompt=True` appends to a conversation under `template` (e.g.
+        "<|im_start|>assistant\n"), found once per template on a one-message conversation; "" for a
+        template without one (Mistral's) or one that cannot render that conversation."""
+        if template not in self._generation_prompts:
+            probe = [{"role": "user", "content": "x"}]
+            try:
+                plain, prompted = (self.tokenizer.apply_chat_template(probe, chat_template=template, tokenize=False,
+                                                                      add_generation_prompt=g) for g in (False, True))
+            except Exception:  # a template that wants e.g. a system message first: no extension, see response_start
+                plain = prompted = ""
+            self._generation_prompts[template] = prompted[len(plain):] if prompted.startswith(plain) else ""
+        return self._generation_prompts[template]
 
     def content_spans(self, record: ChatRecord, text: str) -> list[Optional[tuple[int, int]]]:
         """[start, end) of each message's content in `text`, the rendered conversation (None for the
@@ -341,6 +363,14 @@ class ChatEncoder:
         return spans if text[at_text:] == probe[at_probe:] else None
 
     def _spans_message_by_message(self, record: ChatRecord, text: str) -> list[Optional[tuple[int, int]]]:
+        """Each message probed alone: rendered with only its content replaced by a marker. The content
+        is where the marker is when the text before it is the same and the content follows verbatim.
+        Otherwise the span is what differs between the two renderings (common prefix and suffix
+        removed): accepted when the marker alone differs in the probe (the template rendered the
+        content changed but in its place: JSON-quoted, upper-cased), or, for an assistant message, when
+        the probe's differing text holds the marker (the template moves text of the assistant's own
+        content around it: Qwen3 renders reasoning before "</think>" from the content). Anything else
+        is refused with `unlocatable_content`."""
         messages = record.as_dicts()
         spans: list[Optional[tuple[int, int]]] = []
         for k, message in enumerate(messages):
@@ -351,38 +381,46 @@ class ChatEncoder:
             marker = self._MARKER.format(k)
             probe = self.render(record, messages[:k] + [dict(message, content=marker)] + messages[k + 1 :])
             start = probe.find(marker)
-            if start < 0 or probe[:start] != text[:start]:
-                raise RecordError("unlocatable_content", f"message {k} ({message['role']}): the template does not render its content verbatim")
-            for candidate in (content, content.strip()):
-                if text.startswith(candidate, start):
-                    spans.append((start, start + len(candidate)))
-                    break
-            else:
-                raise RecordError("unlocatable_content", f"message {k} ({message['role']}): content not found where the template puts it")
+            if start < 0:
+                raise RecordError("unlocatable_content", f"message {k} ({message['role']}): the template does not render its content")
+            if probe[:start] == text[:start]:
+                verbatim = next((c for c in (content, content.strip()) if text.startswith(c, start)), None)
+                if verbatim is not None:
+                    spans.append((start, start + len(verbatim)))
+                    continue
+            prefix, text_end, probe_end = _differing(text, probe)
+            substituted = (prefix, probe_end) == (start, start + len(marker))
+            moved = record.messages[k].role == "assistant" and prefix <= start and start + len(marker) <= probe_end
+            if not (substituted or moved):
+                raise RecordError("unlocatable_content", f"message {k} ({message['role']}): the template renders other text "
+                                                         "around its content depending on it; its tokens cannot be labelled")
+            spans.append((prefix, text_end))
         return spans
 
-    def tool_call_span(self, record: ChatRecord, k: int, text: str) -> Optional[tuple[int, int]]:
-        """[start, end) of what message k's `tool_calls` add to `text`: the text that differs from a
-        rendering without them (common prefix and suffix removed, then surrounding whitespace). None if
-        the template ignores them."""
+    def extras_span(self, record: ChatRecord, k: int, text: str) -> Optional[tuple[int, int]]:
+        """[start, end) of what assistant message k's keys other than role, content and name (`tool_calls`,
+        `reasoning_content`, ...) add to `text`: the text that differs from a rendering without them
+        (common prefix and suffix removed, then surrounding whitespace). None if the template ignores them."""
         messages = record.as_dicts()
-        without = {key: value for key, value in messages[k].items() if key != "tool_calls"}
+        without = {key: value for key, value in messages[k].items() if key in ("role", "content", "name")}
         if without.get("content") is None:
             without["content"] = ""
         probe = self.render(record, messages[:k] + [without] + messages[k + 1 :])
-        prefix = 0
-        limit = min(len(text), len(probe))
-        while prefix < limit and text[prefix] == probe[prefix]:
-            prefix += 1
-        suffix = 0
-        while suffix < limit - prefix and text[-1 - suffix] == probe[-1 - suffix]:
-            suffix += 1
-        end = len(text) - suffix
+        prefix, end, _ = _differing(text, probe)
         while prefix < end and text[prefix].isspace():  # surrounding whitespace is scaffolding, as for content
             prefix += 1
         while end > prefix and text[end - 1].isspace():
             end -= 1
         return (prefix, end) if end > prefix else None
+
+    def response_start(self, record: ChatRecord, text: str, lo: int, floor: int) -> int:
+        """Where assistant text starting at `lo` begins as the model writes it: right after the template's
+        generation prompt when that prompt is the last thing in text[floor:lo] (floor: the end of the
+        previous message's span), else `lo`. So text a template puts between its generation prompt and
+        the content is response (Qwen3's `<think>` opening), as what the model writes when prompted."""
+        prompt = self.generation_prompt(self.template_for(record))
+        at = text.rfind(prompt, floor, lo) if prompt else -1
+        return at + len(prompt) if at >= 0 else lo
 
     def encode(self, record: ChatRecord) -> Encoded:
         text = self.render(record)
@@ -395,13 +433,20 @@ class ChatEncoder:
             message = record.messages[k]
             role = _CHAT_ROLE_CODES[message.role]
             parts = [spans[k]]
-            if message.has_tool_calls:
-                parts.append(self.tool_call_span(record, k, text))
+            if role == Role.RESPONSE and set(message.template_input) - {"role", "content", "name"}:
+                parts.append(self.extras_span(record, k, text))
             parts = [p for p in parts if p is not None and p[1] > p[0]]
             if not parts:
                 continue
-            # One span from the content's start to the tool calls' end: the assistant writes what lies between.
-            first, end = tokens.overlapping(min(p[0] for p in parts), max(p[1] for p in parts))
+            # One span from the content's start to its extras' end (or the reverse): the assistant writes what lies between.
+            lo, hi = min(p[0] for p in parts), max(p[1] for p in parts)
+            if role == Role.RESPONSE:
+                others = [span for j, span in enumerate(spans) if j != k and span is not None]
+                if any(a < hi and b > lo for a, b in others):
+                    raise RecordError("unlocatable_content", f"message {k} (assistant): its rendering reaches into another "
+                                                             "message's content; its tokens cannot be labelled")
+                lo = self.response_start(record, text, lo, max([b for _, b in others if b <= lo], default=0))
+            first, end = tokens.overlapping(lo, hi)
             roles[first:end] = role
             if role == Role.RESPONSE and end < len(roles) and int(tokens.ids[end]) in self.special_ids:
                 roles[end] = Role.RESPONSE  # the assistant's end-of-turn token
@@ -409,6 +454,19 @@ class ChatEncoder:
             raise RecordError("no_response_tokens", "no token overlaps an assistant message's content or tool calls "
                                                   "(empty content, and tool calls the template does not render?)")
         return Encoded(tokens.ids, roles)
+
+
+def _differing(a: str, b: str) -> tuple[int, int, int]:
+    """(start, a_end, b_end): a[start:a_end] and b[start:b_end] are where the two texts differ, after
+    their longest common prefix and then their longest common suffix (not overlapping that prefix)."""
+    limit = min(len(a), len(b))
+    start = 0
+    while start < limit and a[start] == b[start]:
+        start += 1
+    suffix = 0
+    while suffix < limit - start and a[-1 - suffix] == b[-1 - suffix]:
+        suffix += 1
+    return start, len(a) - suffix, len(b) - suffix
 
 
 class _TokenSpans:

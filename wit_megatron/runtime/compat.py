@@ -20,6 +20,16 @@ def megatron_core_version() -> tuple[int, ...]:
     return Version(__version__).release  # "0.19.2+17ab756" -> (0, 19, 2)
 
 
+# megatron-core's wheel ships Megatron-LM's `megatron.training` from this version on (0.16.1's does not).
+MEGATRON_TRAINING_SINCE = (0, 17)
+
+
+def ships_megatron_training() -> bool:
+    """Whether this megatron-core's wheel ships `megatron.training`. Decided by the version, not by trying
+    the import: where the wheel ships it, a failing import is a broken install and must be seen."""
+    return megatron_core_version() >= MEGATRON_TRAINING_SINCE
+
+
 def slice_for_context_parallel(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Megatron's load-balanced CP slicing (2×CP chunks; rank r keeps chunks r and 2·CP-1-r).
 
@@ -96,10 +106,10 @@ def pretraining_sampler(total_samples: int, consumed_samples: int, micro_batch_s
     data_parallel_size` consecutive sample indices form one micro-batch per data-parallel rank, and
     this rank takes its slice. The wheel ships it in `megatron.training` from 0.17 on; 0.16 gets the
     same iteration here."""
-    try:
-        from megatron.training.datasets.data_samplers import MegatronPretrainingSampler
-    except ImportError:  # megatron-core 0.16: no megatron.training in the wheel
+    if not ships_megatron_training():  # megatron-core 0.16
         return _PretrainingSampler(total_samples, consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size)
+    from megatron.training.datasets.data_samplers import MegatronPretrainingSampler
+
     return MegatronPretrainingSampler(total_samples, consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size)
 
 

@@ -9,7 +9,8 @@ What is patched, and why (facts in the project notes, measured on megatron-core 
 - the CUDA RNG tracker (dropout forks, `model_parallel_cuda_manual_seed`): a tracker with Megatron's
   bookkeeping over the CPU generator.
 - hard-coded ``device="cuda"`` tensors (the schedules' token counters) and ``Tensor.cuda()`` (tied
-  embeddings with pipeline parallelism): a torch-function mode maps them to the CPU. The same mode
+  embeddings with pipeline parallelism): a torch-function mode maps them to the CPU, and drops
+  ``pin_memory=True`` (host staging for a GPU copy; RoPE's context-parallel positions). The same mode
   answers ``Tensor.type()`` with the CUDA type name (``torch.cuda.FloatTensor``), because megatron's
   optimizers and gradient clipping use that string as a dtype check and assert on it.
 - ``torch.cuda.synchronize()`` / stream calls in p2p communication, checkpointing and DDP (0.19): no-ops.
@@ -44,6 +45,8 @@ class _CudaToCpuMode(TorchFunctionMode):
         device = kwargs.get("device")
         if device is not None and torch.device(device).type == "cuda":
             kwargs = dict(kwargs, device=_CPU)
+        if kwargs.get("pin_memory"):  # staging for a copy to the GPU (RoPE's context-parallel positions)
+            kwargs = dict(kwargs, pin_memory=False)
         return func(*args, **kwargs)
 
 
