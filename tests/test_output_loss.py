@@ -1,7 +1,8 @@
 """The chunked WIT output layer (`--wit-loss-impl chunked`) gives Megatron's unfused loss and every
 gradient: at tp1 (dp4), tp2, tp4 and pp2, tied and untied embeddings, λ ∈ {(0,1), (0.2,0.8), (1,1)},
 packed and unpacked sequences, with a micro-batch (and a whole global batch) of zero weights; under
-sequence parallelism against megatron-core's own ColumnParallelLinear. One 4-rank launch.
+sequence parallelism against megatron-core's own ColumnParallelLinear; through the training command line.
+One 4-rank launch.
 
 Shown failing once: without the TP all-reduce of the input gradient (output_loss.output_layer_nll)
 the tp2 gradients are off by 0.97 (relative)."""
@@ -24,8 +25,8 @@ def batch(lambdas, packed=False, **extra):
 
 
 # λ_p = 0 and sequences 0-1 without response: the first micro-batch (at dp4 rank 0's whole share) has no weight.
-ZERO_MICRO_BATCH = batch((0.0, 1.0), seed=23, prompt_only=[0, 1])
-ZERO_GLOBAL_BATCH = batch((0.0, 1.0), seed=24, prompt_only=list(range(8)))  # no non-zero weight anywhere
+ZERO_MICRO_BATCH = batch((0.0, 1.0), seed=23, prompt_only=[0, 1], validate=False)
+ZERO_GLOBAL_BATCH = batch((0.0, 1.0), seed=24, prompt_only=list(range(8)), validate=False)  # no weight anywhere
 # Every layout runs every λ untied on unpacked and tied on packed sequences (and the zero-weight batches).
 MODELS = [
     {"layout": layout, "tied": tied, "batches": [batch(lam, packed=tied) for lam in LAMBDAS] + zero}
@@ -34,9 +35,16 @@ MODELS = [
 ]
 
 
+# The command line: the same tiny synthetic run with each implementation, at pp2 dp2, λ_p = 0.
+TRAINING = ["--train-iters", "2", "--global-batch-size", "8", "--micro-batch-size", "2", "--seq-length", "32", "--pp", "2",
+            "--lambda-prompt", "0", "--lambda-response", "1", "--log-interval", "1", "--lr", "1e-3"]
+TRAINING_JOBS = [{"argv": TRAINING}, {"argv": TRAINING + ["--wit-loss-impl", "chunked", "--wit-loss-chunk-size", "5"]}]
+
+
 @pytest.fixture(scope="module")
 def results():
-    return run_distributed("tests.scenarios.output_loss:run", 4, models=MODELS, micro_batch_size=2, sequence_parallel=[2, 4])
+    return run_distributed("tests.scenarios.output_loss:run", 4, models=MODELS, micro_batch_size=2,
+                           sequence_parallel=[2, 4], training_jobs=TRAINING_JOBS)
 
 
 def _cases(results):
@@ -171,3 +179,28 @@ def test_bf16_as_accurate_as_the_unfused_form():
               for r in (megatron, chunked)]
     for name, bf16, ours in zip(("nll", "hidden grad", "weight grad"), *errors):
         assert ours <= 2 * bf16 + 1e-6, f"{name}: chunked error {ours:.2e} vs unfused bf16 error {bf16:.2e}"
+
+
+def test_the_training_command_line_selects_the_output_layer(results):
+    """`--wit-loss-impl chunked` trains as unfused does; its log lines leave out the prompt NLL at λ_p = 0."""
+    last = results[-1]["training"]  # the last rank logs (a rank of the last pipeline stage)
+    unfused, chunked = (last[job]["train_log"] for job in (0, 1))
+    assert len(unfused) == len(chunked) == 2
+    for u, c in zip(unfused, chunked):
+        assert c["lm loss tokens"] == u["lm loss tokens"] > 0
+        assert c["lm loss"] == pytest.approx(u["lm loss"], rel=1e-5)
+        assert c["response nll"] == pytest.approx(u["response nll"], rel=1e-5)
+        assert u["prompt tokens"] > 0 and u["prompt nll"] is not None
+        assert c["prompt tokens"] == 0 and c["prompt nll"] is None
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--wit-loss-impl", "fused"], "invalid choice: 'fused'"),
+    (["--wit-loss-chunk-size", "0"], "--wit-loss-chunk-size must be >= 1"),
+])
+def test_bad_loss_options_are_refused(argv, message, capsys):
+    from wit_megatron.training.arguments import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(argv, world_size=1)
+    assert message in capsys.readouterr().err

@@ -5,6 +5,8 @@ Megatron's unfused output layer and one with the chunked one, on the same model 
 weights), and, where asked, once forward-only with each (validation). The ranks compare the full gradients of their
 stage themselves (collected over TP) and return only the differences, so the results stay small.
 
+`run`: both, and training runs of the command line (tests.scenarios.training).
+
 `run_sequence_parallel`: the chunked output layer on sequence-parallel hidden shards against
 megatron-core's own ColumnParallelLinear(sequence_parallel=True) and vocab_parallel_cross_entropy
 (GPTModel itself cannot run sequence-parallel on CPU: torch's norms refuse it).
@@ -127,8 +129,11 @@ def run_sequence_parallel(tp: int, seq: int, micro_batch_size: int, vocab: int, 
     return results
 
 
-def run(models: list[dict], micro_batch_size: int, sequence_parallel: list[int]) -> dict:
-    """Both scenarios in one launch."""
+def run(models: list[dict], micro_batch_size: int, sequence_parallel: list[int], training_jobs: list[dict]) -> dict:
+    """All scenarios in one launch; `training_jobs` go to tests.scenarios.training.runs (the command line)."""
+    from tests.scenarios.training import runs
+
     return {"layouts": run_layouts(models, micro_batch_size),
             "sequence parallel": {tp: run_sequence_parallel(tp, seq=12, micro_batch_size=2, vocab=40, hidden=16)
-                                  for tp in sequence_parallel}}
+                                  for tp in sequence_parallel},
+            "training": runs(training_jobs)}
