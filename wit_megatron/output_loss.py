@@ -121,13 +121,18 @@ def _grad_logits(hidden, weight, vocab_start: int, local, in_shard, maxes, sums,
 def _backward_in_token_chunks(hidden, weight, local, in_shard, maxes, sums, grad_nll, chunk_size: int):
     """float32: each chunk's input gradient in one matmul over the whole vocabulary shard, as Megatron's;
     the weight gradient summed over the chunks in place."""
-    grad_hidden, grad_weight = torch.empty_like(hidden), torch.zeros_like(weight)
+    grad_hidden, grad_weight = torch.empty_like(hidden), torch.empty_like(weight)
+    if hidden.shape[0] == 0:
+        grad_weight.zero_()
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         grad_logits = _grad_logits(hidden[rows], weight, 0, local[rows], in_shard[rows], maxes[rows], sums[rows],
                                    grad_nll[rows])
         torch.mm(grad_logits, weight, out=grad_hidden[rows])
-        grad_weight.addmm_(grad_logits.t(), hidden[rows])
+        if start == 0:  # written, not added to zeros: the weight gradient is as large as the weight
+            torch.mm(grad_logits.t(), hidden[rows], out=grad_weight)
+        else:
+            grad_weight.addmm_(grad_logits.t(), hidden[rows])
         del grad_logits
     return grad_hidden, grad_weight
 
