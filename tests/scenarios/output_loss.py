@@ -66,8 +66,8 @@ def _tied_aware(full_tensor, tied: bool):
 
 
 def run_layouts(models: list[dict], micro_batch_size: int) -> list[dict]:
-    """models: {"layout": (tp, pp[, vpp]), "tied": bool, "batches": [batch spec]}; a batch spec with
-    "validate" also runs forward-only."""
+    """models: {"layout": (tp, pp[, vpp]), "tied": bool, "batches": [batch spec], "chunk_size": optional};
+    a batch spec with "validate" also runs forward-only."""
     from megatron.core import parallel_state as ps
 
     out = []
@@ -84,7 +84,8 @@ def run_layouts(models: list[dict], micro_batch_size: int) -> list[dict]:
             data = make_batch(batch)
             case = {"layout": f"{parallel} dp{ps.get_data_parallel_world_size()}", "tied": spec["tied"], "batch": batch}
             grads = {}
-            for name, impl in IMPLS.items():
+            impls = dict(IMPLS, chunked=OutputLoss("chunked", spec.get("chunk_size", CHUNK_SIZE)))
+            for name, impl in impls.items():
                 case[name] = _step(model, data, micro_batch_size, impl, forward_only=False)
                 grads[name] = gather_full_grads(model)
                 if batch.get("validate"):
