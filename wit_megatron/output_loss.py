@@ -16,9 +16,9 @@ logits in the weight's dtype, then float32; the max over the TP group (all-reduc
 logit and Σ exp(logit - max) (one all-reduce SUM of both, of chunk-size floats); NLL = log Σ - (target
 - max); softmax = exp(logit - max) / Σ in the backward pass, from the max and Σ kept per token. The input
 gradient of every TP rank is its partial sum, reduced as megatron-core's ColumnParallelLinear reduces
-it (all-reduce; reduce-scatter under sequence parallelism). The weight
-gradient goes through autograd into the weight itself: the output layer's on the last stage, which
-`finalize_model_grads` all-reduces with the first stage's embedding when they are tied.
+it (all-reduce; reduce-scatter under sequence parallelism). The weight gradient goes through autograd
+into the weight itself: the output layer's on the last stage, which `finalize_model_grads` all-reduces
+with the first stage's embedding when they are tied.
 
 Which targets are computed: with autograd on (training), those with loss_mask and a non-zero weight;
 with autograd off (validation, forward-only), every target in loss_mask. The prompt/response NLL
