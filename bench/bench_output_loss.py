@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import ctypes
-import gzip
 import importlib.util
 import json
 import statistics
