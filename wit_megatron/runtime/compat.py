@@ -181,3 +181,34 @@ def finish_optimizer_loading(optimizer) -> None:
             for state in inner.optimizer.state.values():
                 if isinstance(state.get("step"), torch.Tensor):
                     state["step"] = state["step"].clone()
+
+
+def gpt_forward_with_output_processor(model: torch.nn.Module, processor, *args, **kwargs):
+    """`model(*args, **kwargs)` of a GPTModel (possibly wrapped) whose last stage returns
+    `processor(hidden_states=, output_layer=, output_weight=, labels=, ...)` instead of its logits or
+    per-token losses; `output_weight` is the shared embedding weight when tied, else None.
+
+    0.19 has this hook (`output_processor`). 0.16 has not: there the call goes through `_postprocess`,
+    the step the hook replaces (same hidden states, after the final norm), overridden for this call only.
+    """
+    from megatron.core.models.gpt import GPTModel
+
+    if "output_processor" in inspect.signature(GPTModel.forward).parameters:
+        return model(*args, output_processor=processor, **kwargs)
+
+    inner = model
+    while hasattr(inner, "module"):
+        inner = inner.module
+    if inner.config.mtp_num_layers:  # 0.16 runs MTP inside _postprocess
+        raise ValueError("multi-token prediction is not supported by the output processor on megatron-core 0.16")
+
+    def postprocess(*, hidden_states, labels, **_):
+        output_weight = inner.shared_embedding_or_output_weight() if inner.share_embeddings_and_output_weights else None
+        return processor(hidden_states=hidden_states, output_layer=inner.output_layer, output_weight=output_weight,
+                         labels=labels)
+
+    inner._postprocess = postprocess  # an instance attribute shadows the method for this call
+    try:
+        return model(*args, **kwargs)
+    finally:
+        del inner._postprocess

@@ -16,6 +16,7 @@ from typing import Optional, Sequence
 
 import torch
 
+from wit_megatron.output_loss import DEFAULT_CHUNK_SIZE, LOSS_IMPLS
 from wit_megatron.roles import RoleWeights
 
 LAMBDA_HELP = ("WIT's per-token loss weights. Loss = Σ w·NLL / N over the global batch, w = λ of the target token's "
@@ -38,6 +39,15 @@ def build_parser() -> argparse.ArgumentParser:
     for role in ("system", "user", "tool"):
         g.add_argument(f"--lambda-{role}", type=float, default=None,
                        help=f"weight of {role} tokens where the data labels them (chat data); default: λ_p")
+    g.add_argument("--wit-loss-impl", choices=LOSS_IMPLS, default="unfused",
+                   help="the last stage's output layer and cross entropy. unfused: megatron-core's (logits of every "
+                   "position); chunked: only targets of non-zero weight, --wit-loss-chunk-size tokens at a time, logits "
+                   "recomputed in the backward pass unless they fit in one chunk (much less memory; during training "
+                   "the prompt NLL in the log covers only prompt targets of non-zero weight: none at λ_p = 0; "
+                   "validation covers all). See docs/output-loss.md")
+    g.add_argument("--wit-loss-chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                   help="--wit-loss-impl chunked: tokens whose logits exist at one time (float32 logits of a chunk: "
+                   "chunk x vocab / TP x 4 bytes)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)
@@ -164,7 +174,7 @@ TINY_MODEL = {"num_layers": 4, "hidden_size": 128, "num_attention_heads": 8, "nu
 _POSITIVE = ("tp", "pp", "cp", "micro_batch_size", "global_batch_size", "seq_length", "train_iters", "train_epochs",
              "save_interval", "eval_interval", "log_interval", "exit_interval", "vpp", "num_layers_per_virtual_pipeline_stage",
              "lr_decay_iters", "num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-             "vocab_size", "recompute_num_layers")
+             "vocab_size", "recompute_num_layers", "wit_loss_chunk_size")
 _NON_NEGATIVE = ("lr", "min_lr", "weight_decay", "clip_grad", "adam_eps", "lr_warmup_iters", "num_workers", "eval_iters",
                  "exit_duration_in_mins", "loss_scale", "initial_loss_scale", "min_loss_scale", "loss_scale_window", "hysteresis")
 

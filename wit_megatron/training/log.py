@@ -11,8 +11,9 @@ stage, which holds the loss), e.g.
 
 (one line in the log). The losses are exact over the interval's iterations, micro-batches and ranks:
 Σ sums / Σ counts, never a mean of means. `lm loss` is the WIT loss Σ w·NLL / N; `prompt nll` and
-`response nll` are the plain mean NLL of prompt and response targets (comparable across λ); `N` counts
-the targets with non-zero weight. Validation:
+`response nll` are the plain mean NLL of prompt and response targets (comparable across λ; left out of a
+line that covers none, as training with --wit-loss-impl chunked at λ_p = 0 computes no prompt target);
+`N` counts the targets with non-zero weight. Validation:
 
      validation loss at iteration 100 | lm loss value: ... | prompt nll value: ... | response nll value: ... |
 """
@@ -50,9 +51,13 @@ class Interval:
         self.nan += int(not math.isfinite(report.get("lm loss sum", 0.0)))
 
     def mean(self, key: str) -> Optional[float]:
+        """Σ sums / Σ counts; None for a prompt/response NLL that covers no target (e.g. the prompt NLL of
+        --wit-loss-impl chunked at λ_p = 0, which computes no prompt target during training)."""
         if key not in self.counts:
             return None
-        return self.sums[key] / self.counts[key] if self.counts[key] else 0.0
+        if not self.counts[key]:
+            return 0.0 if key == "lm loss" else None
+        return self.sums[key] / self.counts[key]
 
 
 class Logger:

@@ -20,11 +20,12 @@ import torch
 from wit_megatron import checkpoint
 from wit_megatron.data.loader import DataConfig, PaddedDataset, agreed_length, build_datasets, micro_batches, padded_length
 from wit_megatron.model import build_model, layer_spec, preferred_layer_spec, transformer_config
+from wit_megatron.output_loss import OutputLoss
 from wit_megatron.runtime.parallel import init_distributed, init_model_parallel
 from wit_megatron.training.arguments import TINY_FAMILY
 from wit_megatron.training.log import Interval, Logger
 from wit_megatron.training.signals import StopRequests
-from wit_megatron.training.step import (build_optimizer, build_scheduler, forward_backward, forward_step, optimizer_config,
+from wit_megatron.training.step import (build_optimizer, build_scheduler, forward_backward, forward_step_for, optimizer_config,
                                         resume_overlap, sync_params, train_step, wrap_ddp)
 
 EXIT_CODES = {"signal": 143}  # 128 + SIGTERM: the run did not finish; every other stop exits 0
@@ -53,11 +54,14 @@ class RunResult:
         return EXIT_CODES.get(self.exit_reason, 0)
 
 
-def pretrain(args: argparse.Namespace, forward_step_func=forward_step) -> RunResult:
+def pretrain(args: argparse.Namespace, forward_step_func=None) -> RunResult:
     """Train as `args` (from `arguments.parse_args`) say, on every rank. Starts torch.distributed from the
     launcher's environment if it is not running yet. `forward_step_func`: megatron-core's forward step
-    (default: WIT's, `training.step.forward_step`)."""
+    (default: WIT's, `training.step.forward_step`, with the output layer --wit-loss-impl names)."""
     from megatron.core import parallel_state as ps
+
+    if forward_step_func is None:
+        forward_step_func = forward_step_for(OutputLoss(args.wit_loss_impl, args.wit_loss_chunk_size))
 
     init_distributed()
     init_model_parallel(args.layout, seed=args.seed)

@@ -11,10 +11,12 @@ import torch
 from wit_megatron.batch import flatten_for_thd, get_batch, packed_attention_mask, packed_seq_params
 from wit_megatron.loss import reduce_reports, wit_loss
 from wit_megatron.model import unwrap
+from wit_megatron.output_loss import OutputLoss, chunked_model_forward, targets_to_compute
 
 
-def forward_step(data_iterator: Optional[Iterator[dict]], model: torch.nn.Module):
-    """Megatron-Core `forward_step_func`: one micro-batch through one model chunk, WIT loss on the last stage."""
+def forward_step(data_iterator: Optional[Iterator[dict]], model: torch.nn.Module, output_loss: OutputLoss = OutputLoss()):
+    """Megatron-Core `forward_step_func`: one micro-batch through one model chunk, WIT loss on the last stage.
+    `output_loss` picks the last stage's output layer and cross entropy (see `forward_step_for`)."""
     batch = get_batch(data_iterator, vp_stage=unwrap(model).vp_stage)
     tokens, position_ids, labels = batch["tokens"], batch["position_ids"], batch["labels"]
     attention_mask, packed = None, None
@@ -25,10 +27,21 @@ def forward_step(data_iterator: Optional[Iterator[dict]], model: torch.nn.Module
             tokens, position_ids, labels = (flatten_for_thd(t) for t in (tokens, position_ids, labels))
         else:
             attention_mask = packed_attention_mask(batch["document_ids"])
-    output = model(tokens, position_ids, attention_mask, labels=labels, packed_seq_params=packed)
+    if output_loss.chunked:  # only the targets it computes: their mask replaces loss_mask in the loss terms
+        select = None if batch["loss_weights"] is None else targets_to_compute(batch["loss_weights"], batch["loss_mask"])
+        output = chunked_model_forward(model, tokens, position_ids, attention_mask, labels,
+                                       None if select is None else select.reshape(labels.shape), output_loss.chunk_size, packed)
+        batch = dict(batch, loss_mask=select)
+    else:
+        output = model(tokens, position_ids, attention_mask, labels=labels, packed_seq_params=packed)
     if packed is not None and batch["loss_weights"] is not None:
         output = output.reshape(batch["loss_weights"].shape)  # back to [b, s] per-token losses
     return output, partial(_loss_func, batch)
+
+
+def forward_step_for(output_loss: OutputLoss):
+    """The forward step for `--wit-loss-impl` / `--wit-loss-chunk-size`."""
+    return forward_step if not output_loss.chunked else partial(forward_step, output_loss=output_loss)
 
 
 def _uses_transformer_engine(model: torch.nn.Module) -> bool:
