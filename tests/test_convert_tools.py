@@ -46,12 +46,12 @@ def test_family_tables_match_the_model_megatron_core_builds():
     checkpoints against without building a model) equal those of megatron-core's own GPTModel."""
     import transformers
 
-    from tests.convert_models import BASE
+    from tests.convert_models import BASE, architecture
 
     archs, names, shapes = [], [], []
     for name, (config_class, overrides) in CASES.items():
         config = getattr(transformers, config_class)(**dict(BASE, **overrides)).to_dict()
-        config["architectures"] = [config_class.replace("Config", "ForCausalLM")]
+        config["architectures"] = [architecture(config_class)]
         _, family = family_for(config)
         arch = arch_from_hf_config(family, config)
         archs.append(arch.to_dict())

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from tests.scenarios.parity import ARCH, WEIGHT_SEED, make_batch  # noqa: E402
 from wit_megatron.batch import flatten_for_thd, packed_seq_params  # noqa: E402
 from wit_megatron.loss import wit_loss  # noqa: E402
-from wit_megatron.model import build_model, layer_spec, transformer_config  # noqa: E402
+from wit_megatron.model import build_model, transformer_config  # noqa: E402
 from wit_megatron.runtime.parallel import ParallelLayout, init_distributed, init_model_parallel  # noqa: E402
 from wit_megatron.testing.params import load_full_tensors, named_full_params, seeded_weights  # noqa: E402
 
@@ -45,7 +45,7 @@ def report(name: str, ok: bool, detail: str) -> None:
 
 def model_for(spec_kind: str, dtype: torch.dtype):
     config = transformer_config(ARCH, ParallelLayout(), dtype=dtype)
-    (model,) = build_model(ARCH, config, spec=layer_spec(ARCH, spec_kind))
+    (model,) = build_model(ARCH, config, kind=spec_kind)
     load_full_tensors([model], seeded_weights(WEIGHT_SEED))
     return model.to(device())
 
