@@ -60,10 +60,11 @@ def megatron_lm_args(arch: GPTArch, dtype: torch.dtype, layout: ParallelLayout =
 
 
 def megatron_lm_gaps(arch: GPTArch) -> list[str]:
-    """The parts of `arch` stock Megatron-LM (`pretrain_gpt.py`) has no option for, one phrase each."""
+    """The parts of `arch` stock Megatron-LM (`pretrain_gpt.py`) has no option for, one phrase each (no
+    word starts with "--": Megatron-LM's parser would take it for an option)."""
     gaps = []
     if arch.activation == "gelu_tanh":
-        gaps.append("a GeGLU MLP with tanh-approximated GELU (--swiglu is SiLU; --quick-geglu is another function)")
+        gaps.append("a GeGLU MLP with tanh-approximated GELU (its swiglu option is SiLU, its quick-geglu another function)")
     if arch.post_norms:
         gaps.append("an RMSNorm after attention and after the MLP (post-norms)")
     if arch.embedding_multiplier is not None:
@@ -78,7 +79,7 @@ def megatron_lm_gaps(arch: GPTArch) -> list[str]:
     if arch.rotary_base_local is not None:
         gaps.append(f"a RoPE base of its own ({arch.rotary_base_local:g}) for the sliding-window layers")
     if arch.rope_linear_factor is not None and not float(arch.rope_linear_factor).is_integer():
-        gaps.append(f"linear RoPE scaling by {arch.rope_linear_factor:g} (--rotary-seq-len-interpolation-factor takes integers)")
+        gaps.append(f"linear RoPE scaling by {arch.rope_linear_factor:g} (its rotary-seq-len-interpolation-factor takes integers)")
     return gaps
 
 

@@ -7,6 +7,8 @@ its stage (TP rank 0 of DP rank 0); the reference is computed afterwards on glob
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 
 from wit_megatron.model import GPTArch, build_model, transformer_config
@@ -21,6 +23,14 @@ ARCH = GPTArch(
     ffn_hidden_size=128, max_position_embeddings=64,
 )
 SEQ_LEN = 32
+# The same sizes with every Gemma-2/3 part: soft-caps that bite, windows shorter than the sequences on
+# layers 1, 2 and 4, a local RoPE base, q/k norms, post-norms, (1 + w) norms, GeGLU, tied embeddings.
+GEMMA = dataclasses.replace(
+    ARCH, kv_channels=16, tie_embeddings=True, qk_layernorm=True, activation="gelu_tanh", norm_weight_plus_one=True,
+    post_norms=True, embedding_multiplier=8.0, softmax_scale=0.2, attn_logit_softcapping=2.0, final_logit_softcapping=1.5,
+    sliding_window=8, window_layers=(True, True, False, True), rotary_base_local=100.0,
+)
+ARCHS = {"llama": ARCH, "gemma": GEMMA}
 WEIGHT_SEED = 7
 
 
@@ -34,10 +44,11 @@ def make_batch(spec: dict) -> dict[str, torch.Tensor]:
 def run_case(layout: tuple, micro_batch_size: int, batch: dict) -> dict:
     from megatron.core import parallel_state as ps
 
+    arch = ARCHS[batch.get("arch", "llama")]
     layout = ParallelLayout(*layout)
     init_model_parallel(layout)
-    config = transformer_config(ARCH, layout)
-    chunks = build_model(ARCH, config)
+    config = transformer_config(arch, layout)
+    chunks = build_model(arch, config)
     load_full_tensors(chunks, seeded_weights(WEIGHT_SEED))
     model = wrap_ddp(chunks, config)
     data = make_batch(batch)
@@ -60,8 +71,9 @@ def reference(batch: dict) -> dict:
     init_model_parallel(ParallelLayout())
     if torch.distributed.get_rank() != 0:
         return None
-    config = transformer_config(ARCH, ParallelLayout())
-    (model,) = build_model(ARCH, config)
+    arch = ARCHS[batch.get("arch", "llama")]
+    config = transformer_config(arch, ParallelLayout())
+    (model,) = build_model(arch, config)
     load_full_tensors([model], seeded_weights(WEIGHT_SEED))
     data = make_batch(batch)
     logits = model(data["tokens"], data["position_ids"], None)  # [b, s, vocab]
@@ -86,7 +98,8 @@ def reference(batch: dict) -> dict:
 
 
 def run(cases: list[dict], references: list[dict] = ()) -> dict:
-    """cases: {"layout": (tp, pp, vpp), "mbs": int, "batch": batch spec}; references: batch specs."""
+    """cases: {"layout": (tp, pp, vpp), "mbs": int, "batch": batch spec (its "arch": a key of ARCHS, default
+    "llama")}; references: batch specs."""
     return {
         "cases": [run_case(c["layout"], c["mbs"], c["batch"]) for c in cases],
         "references": [reference(b) for b in references],
