@@ -23,7 +23,13 @@ from wit_megatron.runtime.parallel import ParallelLayout
 LayerSpec = Literal["auto", "te", "local"]
 
 
-ACTIVATIONS = ("silu", "gelu_tanh")
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (transformers' "gelu_pytorch_tanh")."""
+    return F.gelu(x, approximate="tanh")
+
+
+# GPTArch.activation -> the gated MLP's activation function.
+ACTIVATION_FUNCTIONS = {"silu": F.silu, "gelu_tanh": gelu_tanh}
 
 
 @dataclass(frozen=True)
@@ -75,8 +81,8 @@ class GPTArch:
     rope_linear_factor: Optional[float] = None
 
     def __post_init__(self):
-        if self.activation not in ACTIVATIONS:
-            raise ValueError(f"activation {self.activation!r}: choose one of {', '.join(ACTIVATIONS)}")
+        if self.activation not in ACTIVATION_FUNCTIONS:
+            raise ValueError(f"activation {self.activation!r}: choose one of {', '.join(ACTIVATION_FUNCTIONS)}")
         for name in ("embedding_multiplier", "softmax_scale", "attn_logit_softcapping", "final_logit_softcapping",
                      "sliding_window", "rotary_base_local", "rope_linear_factor"):
             value = getattr(self, name)
@@ -148,14 +154,6 @@ def check_layout(arch: GPTArch, layout: ParallelLayout) -> None:
 
 def transformer_engine_available() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
-
-
-def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
-    """GELU with the tanh approximation (transformers' "gelu_pytorch_tanh")."""
-    return F.gelu(x, approximate="tanh")
-
-
-ACTIVATION_FUNCTIONS = {"silu": F.silu, "gelu_tanh": gelu_tanh}
 
 
 def transformer_config(arch: GPTArch, layout: ParallelLayout, dtype: torch.dtype = torch.float32, **overrides):

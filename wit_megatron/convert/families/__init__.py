@@ -61,7 +61,6 @@ CONDITIONS: dict[str, Callable[[GPTArch], bool]] = {
     "qkv_bias": lambda a: a.add_qkv_bias or a.add_bias_linear,
     "linear_bias": lambda a: a.add_bias_linear,
     "qk_norm": lambda a: a.qk_layernorm,
-    "post_norms": lambda a: a.post_norms,
 }
 
 
