@@ -24,9 +24,10 @@ ARCH = GPTArch(
 )
 SEQ_LEN = 32
 # The same sizes with every Gemma-2/3 part: soft-caps that bite, windows shorter than the sequences on
-# layers 1, 2 and 4, a local RoPE base, q/k norms, post-norms, (1 + w) norms, GeGLU, tied embeddings.
+# layers 1, 2 and 4, a local RoPE base, q/k norms, post-norms, (1 + w) norms, GeGLU. (Untied: name-seeded
+# weights would give a tied model's two pipeline-stage copies different values.)
 GEMMA = dataclasses.replace(
-    ARCH, kv_channels=16, tie_embeddings=True, qk_layernorm=True, activation="gelu_tanh", norm_weight_plus_one=True,
+    ARCH, kv_channels=16, qk_layernorm=True, activation="gelu_tanh", norm_weight_plus_one=True,
     post_norms=True, embedding_multiplier=8.0, softmax_scale=0.2, attn_logit_softcapping=2.0, final_logit_softcapping=1.5,
     sliding_window=8, window_layers=(True, True, False, True), rotary_base_local=100.0,
 )
