@@ -281,9 +281,10 @@ def gemma_run(data):
     argv = ["--load", str(convert(hf, tmp / "megatron")), "--data-path", data["he"], "--seq-length", "256",
             "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3", "--lr", "1e-3", "--log-interval", "1",
             "--lambda-prompt", "0.2", "--lambda-response", "0.8", "--data-cache-path", str(data["tmp"] / "cache"),
-            "--tp", "2", "--pp", "2", "--save", str(tmp / "trained"), "--save-hf", str(tmp / "trained-hf")]
+            "--tp", "2", "--pp", "2"]
+    saves = ["--save", str(tmp / "trained"), "--save-hf", str(tmp / "trained-hf")]
     tokens = torch.tensor([[1, 504, 2909, 28, 7, 9, 5500, 11, 42, 17, 3, 990] * 4])  # 48 tokens: past the window
-    results = run_distributed("tests.scenarios.training:runs", 4, timeout_s=1200, jobs=[{"argv": argv, "logits_of": tokens}])
+    results = run_distributed("tests.scenarios.training:runs", 4, timeout_s=1200, jobs=[{"argv": argv + saves, "logits_of": tokens}])
     return {"hf": hf, "argv": argv, "tokens": tokens, "results": results, "exported": tmp / "trained-hf"}
 
 
