@@ -229,6 +229,7 @@ def layer_spec(arch: GPTArch, kind: LayerSpec = "auto"):
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
     from wit_megatron.layers import attention, norm
+    from wit_megatron.runtime import compat
 
     kind = resolve_layer_spec(kind)
     if kind == "te":
@@ -249,7 +250,8 @@ def layer_spec(arch: GPTArch, kind: LayerSpec = "auto"):
     if arch.post_norms:
         post = _norm_class(kind)
         attn.submodules.linear_proj = norm.with_post_norm(attn.submodules.linear_proj, post)
-        spec.submodules.mlp.submodules.linear_fc2 = norm.with_post_norm(spec.submodules.mlp.submodules.linear_fc2, post)
+        mlp = compat.mlp_submodules(spec.submodules.mlp)
+        mlp.linear_fc2 = norm.with_post_norm(mlp.linear_fc2, post)
     return spec
 
 
