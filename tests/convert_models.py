@@ -1,4 +1,5 @@
-"""Tiny random Hugging Face models of every supported family and edge case, built from real configs."""
+"""Tiny random Hugging Face models of every supported family and edge case, built from real configs: the
+`examples` each family module declares (wit_megatron/convert/families/), over BASE."""
 
 from __future__ import annotations
 
@@ -7,22 +8,20 @@ from pathlib import Path
 
 import torch
 
+from wit_megatron.convert.families import families
+
 BASE = dict(vocab_size=100, hidden_size=32, intermediate_size=48, num_hidden_layers=4, max_position_embeddings=64,
             rms_norm_eps=1e-5, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
-# Llama-3.2's RoPE scaling (factor 32; Llama-3.1's 8.0 is also megatron-core's default, which would hide a dropped factor).
-LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
-
 # name -> (transformers config class, overrides). vocab 100 needs no padding (every valid TP divides it).
-CASES = {
-    "llama_gqa_tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
-    "llama3_rope_scaling": ("LlamaConfig", dict(rope_parameters=LLAMA3_ROPE, max_position_embeddings=16384)),
-    "llama_mqa_biases": ("LlamaConfig", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
-    "llama_gqa8_kv2": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=2)),
-    "mistral": ("MistralConfig", dict(sliding_window=None, head_dim=8)),
-    "qwen2_qkv_bias_tied": ("Qwen2Config", dict(tie_word_embeddings=True)),
-    "qwen3_qk_norm": ("Qwen3Config", dict(head_dim=16)),
-}
+CASES = {name: case for family in families() for name, case in family.examples.items()}
+
+
+def architecture(config_class: str) -> str:
+    """The causal-LM class transformers builds for a config class (Gemma3TextConfig -> Gemma3ForCausalLM)."""
+    import transformers
+
+    config = getattr(transformers, config_class)()
+    return transformers.AutoModelForCausalLM._model_mapping[type(config)].__name__
 
 
 def randomize(model: torch.nn.Module, seed: int) -> None:

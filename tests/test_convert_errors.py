@@ -67,7 +67,8 @@ def safetensors_bytes(header: dict, data: bytes = b"") -> bytes:
 def test_unknown_architecture_names_the_supported_ones(tiny, tmp_path):
     hf = edited_copy(tiny, tmp_path / "gpt2", architectures=["GPT2LMHeadModel"])
     with pytest.raises(ConversionError, match=r"unsupported architecture \['GPT2LMHeadModel'\]; supported: "
-                       r"LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM"):
+                       r"Gemma2ForCausalLM, Gemma3ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM, "
+                       r"Qwen3ForCausalLM"):
         convert_hf_to_megatron(hf, tmp_path / "out")
 
 

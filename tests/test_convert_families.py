@@ -1,8 +1,10 @@
-"""HF -> Megatron -> HF is bit-identical for every family and edge case, and the converted checkpoint
-gives the HF model's logits at tp1pp1, tp2pp1, tp1pp2, tp2pp2 (and with virtual pipelining), loaded
-through megatron-core's dist_checkpointing with no missing or unexpected keys. An index-sharded HF
-checkpoint (three files, each layer's q/k/v and gate/up in different files) converts to the same
-Megatron checkpoint as the single file, bit for bit, and back."""
+"""HF -> Megatron -> HF is bit-identical for every family and edge case (each family module's `examples`),
+and the converted checkpoint gives the HF model's logits at tp1pp1, tp2pp1, tp1pp2, tp2pp2 (and with
+virtual pipelining), loaded through megatron-core's dist_checkpointing with no missing or unexpected keys.
+For Gemma-2/3 the test sequences are longer than the sliding window and the soft-caps bite; that each
+Gemma part is needed for those logits, and the Megatron-LM flags file's account of them, are tested here too.
+An index-sharded HF checkpoint (three files, each layer's q/k/v and gate/up in different files) converts to
+the same Megatron checkpoint as the single file, bit for bit, and back."""
 
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 
 from tests.convert_models import CASES, build, safetensors_of, shard, shard_file_of
 from wit_megatron.convert.verify import hf_logits
+from wit_megatron.megatron_lm_args import FLAGS_FILE
 from wit_megatron.runtime.launch import run_distributed
 
 # --dtype casts, on the cases with the most transforms (QKV biases with MQA; qk norms with head_dim).
@@ -21,7 +24,9 @@ CASTS = {"llama_mqa_biases": "bf16", "qwen3_qk_norm": "fp16"}
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 LAYOUTS = [(1, 1, None), (2, 1, None), (1, 2, None), (2, 2, None)]
 SHARDED = "llama_gqa8_kv2"  # the case also converted from an index-sharded copy
+VIRTUAL = ("llama_gqa_tied", "gemma2", "gemma3")  # also at tp1pp2 with 2 virtual stages
 TOLERANCE = 1e-4
+TOKENS = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))  # 12 > the Gemma windows (4)
 
 
 @pytest.fixture(scope="module")
@@ -111,14 +116,14 @@ def test_dtype_cast_writes_the_checkpoint_and_export_in_that_dtype(converted, ca
 
 
 def test_logits_match_hf_at_every_layout(converted):
-    tokens = torch.randint(0, 100, (2, 12), generator=torch.Generator().manual_seed(1))
+    tokens = TOKENS
     jobs = []
     for name in CASES:
         mqa = name == "llama_mqa_biases"  # 1 KV head: TP 1 only
         for layout in LAYOUTS:
             if not (mqa and layout[0] > 1):
                 jobs.append(dict(checkpoint=converted[name]["megatron"], layout=layout, tokens=tokens))
-    jobs.append(dict(checkpoint=converted["llama_gqa_tied"]["megatron"], layout=(1, 2, 2), tokens=tokens))
+    jobs += [dict(checkpoint=converted[name]["megatron"], layout=(1, 2, 2), tokens=tokens) for name in VIRTUAL]
     per_rank = run_distributed("tests.scenarios.convert_cases:logits", 4, jobs=jobs)
     references = {name: hf_logits(converted[name]["hf"], tokens) for name in CASES}
     failures = []
@@ -132,3 +137,50 @@ def test_logits_match_hf_at_every_layout(converted):
         if diff > TOLERANCE:
             failures.append(f"{name} at {job['layout']}: max |Δlogit| {diff:.2e}")
     assert not failures, failures
+
+
+# Each Gemma part dropped from the architecture record (weights unchanged) and the logits it then gives.
+DROPPED = {
+    "gemma2": {"attention soft-capping": dict(attn_logit_softcapping=None),
+               "final-logit soft-capping": dict(final_logit_softcapping=None),
+               "sliding window": dict(sliding_window=None, window_layers=None),
+               "embedding multiplier": dict(embedding_multiplier=None),
+               "softmax scale": dict(softmax_scale=None),
+               "(1 + w) norm weights": dict(norm_weight_plus_one=False)},
+    "gemma3": {"local RoPE base": dict(rotary_base_local=None),
+               "global RoPE's linear scaling": dict(rope_linear_factor=None),
+               "sliding window": dict(sliding_window=None, window_layers=None, rotary_base_local=None),
+               "embedding multiplier": dict(embedding_multiplier=None)},
+}
+
+
+def test_each_gemma_part_changes_the_logits(converted):
+    """The parity above would fail without any one of them: with the part dropped from the record, the same
+    weights give logits far (> 100x the tolerance) from transformers' on the test sequences."""
+    jobs = [dict(checkpoint=converted[name]["megatron"], tokens=TOKENS, changes=changes)
+            for name, parts in DROPPED.items() for changes in parts.values()]
+    logits = run_distributed("tests.scenarios.convert_cases:logits_with_changed_arch", 1, jobs=jobs)[0]
+    references = {name: hf_logits(converted[name]["hf"], TOKENS) for name in DROPPED}
+    labels = [(name, part) for name, parts in DROPPED.items() for part in parts]
+    diffs = {label: (result - references[label[0]]).abs().max().item() for label, result in zip(labels, logits)}
+    assert all(diff > 100 * TOLERANCE for diff in diffs.values()), diffs
+
+
+def test_megatron_lm_flags_file_says_what_megatron_lm_cannot_build(converted):
+    """For Gemma the file starts with `#` lines naming each part stock Megatron-LM has no option for
+    (passed whole, they stop Megatron-LM); the flags line expresses the rest. Other families: flags only."""
+    text = (Path(converted["gemma2"]["megatron"]) / FLAGS_FILE).read_text()
+    *comments, flags = text.rstrip("\n").split("\n")
+    assert comments[0].startswith("# Stock Megatron-LM (pretrain_gpt.py) cannot build this model")
+    stated = "\n".join(comments)
+    for part in ("GeGLU", "post-norms", "word embeddings multiplied by 5.65685", "softmax scale 0.288675",
+                 "attention-score soft-capping 1.5", "final-logit soft-capping 1"):
+        assert part in stated, part
+    assert all(line.startswith("#") for line in comments) and not flags.startswith("#")
+    flags = flags.split()
+    assert flags[flags.index("--window-size") + 1] == "3,0"  # a query sees itself and 3 earlier tokens
+    assert flags[flags.index("--window-attn-skip-freq") + 1] == "[1,0,1,0]"
+    assert "--apply-layernorm-1p" in flags and "--swiglu" not in flags
+    assert "local RoPE" not in stated and "a RoPE base of its own (10)" in (
+        Path(converted["gemma3"]["megatron"]) / FLAGS_FILE).read_text()
+    assert "#" not in (Path(converted["qwen3_qk_norm"]["megatron"]) / FLAGS_FILE).read_text()

@@ -101,3 +101,16 @@ def test_use_checkpoint_args_alone_drops_the_qk_norms(tmp_path):
     hf = build("qwen3_qk_norm", tmp_path / "hf")
     ckpt = convert(hf, tmp_path / "megatron")
     assert megatron_lm_load(hf, ckpt, "--use-checkpoint-args")["diff"] > 0.1
+
+
+def test_the_gemma_flags_file_stops_megatron_lm(tmp_path):
+    """Stock Megatron-LM cannot build Gemma-2 (soft-capping, post-norms, GeGLU with tanh GELU, ...): given
+    the whole flags file, it stops on the `#` lines that say so instead of loading the weights into a
+    different model."""
+    hf = build("gemma2", tmp_path / "hf")
+    ckpt = convert(hf, tmp_path / "megatron")
+    words = (ckpt / FLAGS_FILE).read_text().split()
+    run = subprocess.run([sys.executable, "-W", "ignore", str(ROOT / "tools/convert_check_megatron_lm.py"), "installed",
+                          str(hf), str(ckpt), *words, "--tokenizer-type", "NullTokenizer", "--vocab-size", "100"],
+                         capture_output=True, text=True, cwd=ROOT)
+    assert run.returncode != 0 and "unrecognized arguments: # Stock Megatron-LM" in run.stderr, run.stderr[-3000:]

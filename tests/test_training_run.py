@@ -3,7 +3,7 @@
 Proven here, against independent references and uninterrupted runs:
 - iteration 1's logged `lm loss` and the validation losses equal transformers' forward on the same
   samples with the paper's formula (real SmolLM2-135M at tp1pp1 dp6 and tp3pp2; a tiny model at tp2pp2
-  with a virtual pipeline, packed);
+  with a virtual pipeline, packed; a tiny Gemma-2 at tp2pp2, packed, whose run then exports to HF);
 - a run stopped after iteration k (--exit-interval, SIGTERM) and resumed gives bitwise the losses and
   weights of the uninterrupted run: plain optimizer with packing, distributed optimizer without packing
   across an epoch boundary;
@@ -292,6 +292,68 @@ def test_the_loss_falls_on_a_small_overfit_run(tiny_runs):
 def test_exit_duration_stops_after_the_first_iteration(tiny_runs):
     stopped = last_stage(tiny_runs["results"], 11)
     assert stopped["exit_reason"] == "duration" and stopped["iteration"] == 1 and stopped["exit_code"] == 0
+
+
+# ---- Gemma-2: soft-capping, sliding windows inside packed records, tied scaled embeddings --------------
+
+
+@pytest.fixture(scope="module")
+def gemma_run(data):
+    """A tiny random Gemma-2 with SmolLM2's vocabulary (a real Gemma tokenizer is not available offline),
+    windows of 32 tokens inside packed HumanEval records of ~100-200, caps that bite; converted, then
+    fine-tuned by pretrain_wit.py at tp2pp2 for 3 iterations, saved and exported to HF."""
+    import transformers
+
+    tmp = data["tmp"] / "gemma"
+    config = transformers.Gemma2Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                       num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
+                                       max_position_embeddings=512, sliding_window=32, attn_logit_softcapping=5.0,
+                                       final_logit_softcapping=3.0)
+    model = transformers.AutoModelForCausalLM.from_config(config)
+    randomize(model, seed=11)
+    hf = tmp / "hf"
+    model.save_pretrained(hf)
+    smollm2.load_tokenizer().save_pretrained(hf)
+    argv = ["--load", str(convert(hf, tmp / "megatron")), "--data-path", data["he"], "--seq-length", "256",
+            "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3", "--lr", "1e-3", "--log-interval", "1",
+            "--lambda-prompt", "0.2", "--lambda-response", "0.8", "--data-cache-path", str(data["tmp"] / "cache"),
+            "--tp", "2", "--pp", "2"]
+    saves = ["--save", str(tmp / "trained"), "--save-hf", str(tmp / "trained-hf")]
+    tokens = torch.tensor([[1, 504, 2909, 28, 7, 9, 5500, 11, 42, 17, 3, 990] * 4])  # 48 tokens: past the window
+    results = run_distributed("tests.scenarios.training:runs", 4, timeout_s=1200, jobs=[{"argv": argv + saves, "logits_of": tokens}])
+    return {"hf": hf, "argv": argv, "tokens": tokens, "results": results, "exported": tmp / "trained-hf"}
+
+
+def test_gemma2_iteration_one_equals_transformers_and_the_trained_model_exports(gemma_run):
+    train, _ = datasets_of(gemma_run["argv"], world_size=4)
+    reference = hf_reference(gemma_run["hf"], [train[i] for i in range(8)])
+    assert max(int(train[i]["document_ids"].max()) for i in range(8)) >= 1  # packed: several records per sample
+    run = last_stage(gemma_run["results"], 0)
+    first = run["train_log"][0]
+    assert first["lm loss tokens"] == reference["lm loss"]["count"]
+    assert first["lm loss"] == pytest.approx(reference["lm loss"]["loss"], rel=1e-5)
+    assert first["prompt nll"] == pytest.approx(reference["prompt nll"]["loss"], rel=1e-5)
+    assert run["iteration"] == 3 and run["exit_reason"] == "finished"
+
+    from transformers import AutoModelForCausalLM
+
+    trained = next(rank[0]["logits"] for rank in gemma_run["results"] if rank[0]["logits"] is not None)
+    exported = AutoModelForCausalLM.from_pretrained(str(gemma_run["exported"]), dtype=torch.float32)
+    assert exported.config.architectures == ["Gemma2ForCausalLM"] and exported.config.final_logit_softcapping == 3.0
+    assert (exported(gemma_run["tokens"]).logits - trained).abs().max() < 1e-4
+    before = AutoModelForCausalLM.from_pretrained(str(gemma_run["hf"]), dtype=torch.float32)
+    assert (before(gemma_run["tokens"]).logits - trained).abs().max() > 1e-2  # the weights did change
+
+
+def test_the_chunked_output_layer_is_refused_for_soft_capped_logits(gemma_run, capsys):
+    """The chunked output layer computes its own logits, without Gemma-2's final soft-capping: refused, not
+    trained on a different loss."""
+    from wit_megatron.training.arguments import parse_args
+
+    with pytest.raises(SystemExit) as exit_info:
+        parse_args(gemma_run["argv"] + ["--wit-loss-impl", "chunked"], world_size=4)
+    assert exit_info.value.code == 2
+    assert "soft-caps its logits (final_logit_softcapping 3.0" in capsys.readouterr().err
 
 
 # ---- two torchrun agents as two nodes ------------------------------------------------------------------

@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from wit_megatron.megatron_lm_args import FLAGS_FILE, megatron_lm_args, megatron_lm_flags
+from wit_megatron.megatron_lm_args import FLAGS_FILE, flags_file_text, megatron_lm_args
 from wit_megatron.model import GPTArch, transformer_config, unwrap
 from wit_megatron.runtime.parallel import ParallelLayout
 
@@ -139,7 +139,7 @@ def open_checkpoint(path: Path) -> Checkpoint:
     try:
         arch = GPTArch.from_dict(record["arch"])
         dtype = getattr(torch, record["dtype"])
-    except (KeyError, TypeError, AttributeError) as e:
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
         where = root / RECORD if (root / RECORD).exists() else directory
         raise CheckpointError(f"{where}: the architecture record has no valid arch/dtype ({type(e).__name__}: {e})") from None
     return Checkpoint(root, directory, record, arch, dtype)
@@ -187,7 +187,7 @@ def write_layout(root: Path, iteration: Optional[int], record: dict, assets: Opt
     # The tracker last: a training save interrupted before it still points at the previous
     # iteration. Each file is replaced whole, never left half-written.
     replace_file(root / RECORD, json.dumps(record, indent=2) + "\n")
-    replace_file(root / FLAGS_FILE, " ".join(megatron_lm_flags(GPTArch.from_dict(record["arch"]))) + "\n")
+    replace_file(root / FLAGS_FILE, flags_file_text(GPTArch.from_dict(record["arch"])))
     if assets is not None and assets.resolve() != (root / ASSETS).resolve():
         shutil.copytree(assets, root / ASSETS, dirs_exist_ok=True)
     replace_file(root / TRACKER, "release" if iteration is None else str(iteration))

@@ -9,11 +9,17 @@ without its q/k norms and a Llama-3.1 model without its RoPE scaling, silently (
 1.5e-3 on the test models). And one setting no flag can carry: Megatron-LM's pretrain_gpt.py parses
 `--rope-scaling-factor` but never passes it to GPTModel (core_v0.16.1 to core_v0.19.0), which keeps
 its default 8.0; `megatron_lm_caveats` names it for the converter to print.
+
+Some architectures have parts no `pretrain_gpt.py` option builds (Gemma-2/3: soft-capping, post-norms,
+GeGLU with tanh GELU, the embedding multiplier, ...): `megatron_lm_gaps` names them, and the flags file
+then starts with `#` lines saying so. Passed as `$(cat megatron_lm_flags.txt)`, those words make
+Megatron-LM stop with "unrecognized arguments" instead of building a different model from the weights.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 
 import torch
 
@@ -24,19 +30,29 @@ FLAGS_FILE = "megatron_lm_flags.txt"
 GPT_MODEL_ROPE_SCALING_FACTOR = 8.0  # GPTModel's default: the factor Megatron-LM's pretrain_gpt.py builds with
 
 
+def _head_dim(arch: GPTArch) -> int:
+    return arch.kv_channels or arch.hidden_size // arch.num_attention_heads
+
+
 def megatron_lm_args(arch: GPTArch, dtype: torch.dtype, layout: ParallelLayout = ParallelLayout(),
                      world_size: int = 1) -> argparse.Namespace:
     """The `args` Megatron-LM stores in a checkpoint (read by `--use-checkpoint-args`): the layout is the
     one the checkpoint was saved at (a converted checkpoint: one rank)."""
+    windows = None
+    if arch.sliding_window is not None and arch.window_layers is not None:
+        windows = [int(w) for w in arch.window_layers]
+    linear_rope = arch.rope_linear_factor
     return argparse.Namespace(
         num_layers=arch.num_layers, hidden_size=arch.hidden_size, ffn_hidden_size=arch.ffn_hidden_size,
         num_attention_heads=arch.num_attention_heads, group_query_attention=arch.num_query_groups != arch.num_attention_heads,
-        num_query_groups=arch.num_query_groups, kv_channels=arch.kv_channels or arch.hidden_size // arch.num_attention_heads,
+        num_query_groups=arch.num_query_groups, kv_channels=_head_dim(arch),
         max_position_embeddings=arch.max_position_embeddings, seq_length=arch.max_position_embeddings,
         position_embedding_type="rope", rotary_base=arch.rotary_base, rotary_percent=1.0,
-        use_rope_scaling=arch.rope_scaling_factor is not None,
-        rope_scaling_factor=arch.rope_scaling_factor or GPT_MODEL_ROPE_SCALING_FACTOR,
-        normalization="RMSNorm", norm_epsilon=arch.norm_epsilon, swiglu=True,
+        use_rope_scaling=arch.rope_scaling_factor is not None, rope_scaling_factor=arch.rope_scaling_factor or GPT_MODEL_ROPE_SCALING_FACTOR,
+        rotary_seq_len_interpolation_factor=int(linear_rope) if linear_rope and float(linear_rope).is_integer() else None,
+        normalization="RMSNorm", norm_epsilon=arch.norm_epsilon, apply_layernorm_1p=arch.norm_weight_plus_one,
+        swiglu=arch.activation == "silu",
+        window_size=None if arch.sliding_window is None else (arch.sliding_window - 1, 0), window_attn_skip_freq=windows,
         untie_embeddings_and_output_weights=not arch.tie_embeddings, add_qkv_bias=arch.add_qkv_bias or arch.add_bias_linear,
         add_bias_linear=arch.add_bias_linear, qk_layernorm=arch.qk_layernorm,
         padded_vocab_size=arch.vocab_size, tensor_model_parallel_size=layout.tp, pipeline_model_parallel_size=layout.pp,
@@ -46,17 +62,42 @@ def megatron_lm_args(arch: GPTArch, dtype: torch.dtype, layout: ParallelLayout =
     )
 
 
+def megatron_lm_gaps(arch: GPTArch) -> list[str]:
+    """The parts of `arch` stock Megatron-LM (`pretrain_gpt.py`) has no option for, one phrase each (no
+    word starts with "--": Megatron-LM's parser would take it for an option)."""
+    gaps = []
+    if arch.activation == "gelu_tanh":
+        gaps.append("a GeGLU MLP with tanh-approximated GELU (its swiglu option is SiLU, its quick-geglu another function)")
+    if arch.post_norms:
+        gaps.append("an RMSNorm after attention and after the MLP (post-norms)")
+    if arch.embedding_multiplier is not None:
+        gaps.append(f"word embeddings multiplied by {arch.embedding_multiplier:g} (sqrt(hidden_size), in their dtype)")
+    if arch.softmax_scale is not None and not math.isclose(arch.softmax_scale, _head_dim(arch) ** -0.5, rel_tol=1e-12):
+        gaps.append(f"the attention softmax scale {arch.softmax_scale:g} (Megatron-LM uses 1/sqrt(kv_channels))")
+    if arch.attn_logit_softcapping is not None:
+        gaps.append(f"attention-score soft-capping {arch.attn_logit_softcapping:g}·tanh(score/{arch.attn_logit_softcapping:g})")
+    if arch.final_logit_softcapping is not None:
+        gaps.append(f"final-logit soft-capping {arch.final_logit_softcapping:g}·tanh(logit/{arch.final_logit_softcapping:g}), "
+                    "also in the loss")
+    if arch.rotary_base_local is not None:
+        gaps.append(f"a RoPE base of its own ({arch.rotary_base_local:g}) for the sliding-window layers")
+    if arch.rope_linear_factor is not None and not float(arch.rope_linear_factor).is_integer():
+        gaps.append(f"linear RoPE scaling by {arch.rope_linear_factor:g} (its rotary-seq-len-interpolation-factor takes integers)")
+    return gaps
+
+
 # The stored `args` that describe the model, as pretrain_gpt.py options: valued ones, then switches.
 _VALUED = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups", "kv_channels",
            "max_position_embeddings", "position_embedding_type", "rotary_base", "rotary_percent", "rope_scaling_factor",
-           "normalization", "norm_epsilon", "ckpt_format")
-_SWITCHES = ("group_query_attention", "use_rope_scaling", "swiglu", "add_qkv_bias", "qk_layernorm",
+           "rotary_seq_len_interpolation_factor", "normalization", "norm_epsilon", "window_size", "window_attn_skip_freq",
+           "ckpt_format")
+_SWITCHES = ("group_query_attention", "use_rope_scaling", "swiglu", "apply_layernorm_1p", "add_qkv_bias", "qk_layernorm",
              "untie_embeddings_and_output_weights")
 
 
 def megatron_lm_flags(arch: GPTArch) -> list[str]:
     """`pretrain_gpt.py` arguments for the model `arch` describes: the stored `args` (megatron_lm_args)
-    written as options, so the two never disagree.
+    written as options, so the two never disagree (options left at None are not written).
 
     The vocabulary flag assumes Megatron-LM's tokenizer has `arch.tokenizer_vocab_size` ids (its padded
     size is computed from the tokenizer, `--make-vocab-size-divisible-by` x TP): with no padding rows,
@@ -66,7 +107,8 @@ def megatron_lm_flags(arch: GPTArch) -> list[str]:
     args = vars(megatron_lm_args(arch, torch.float32))
     flags = []
     for name in _VALUED:
-        flags += [_option(name), _value(name, args[name])]
+        if args[name] is not None:
+            flags += [_option(name), _value(name, args[name])]
     flags += [_option(name) for name in _SWITCHES if args[name]]
     if not args["add_bias_linear"]:
         flags.append("--disable-bias-linear")
@@ -86,6 +128,20 @@ def megatron_lm_caveats(arch: GPTArch) -> list[str]:
             f"rope_scaling_factor=args.rope_scaling_factor (examples/pretrain_wit.py builds it with {factor})"]
 
 
+def flags_file_text(arch: GPTArch) -> str:
+    """megatron_lm_flags.txt: the flags on one line, after `#` lines naming what Megatron-LM cannot build."""
+    gaps = megatron_lm_gaps(arch)
+    lines = []
+    if gaps:
+        lines.append("# Stock Megatron-LM (pretrain_gpt.py) cannot build this model: it has no option for")
+        lines += [f"#   - {gap}" for gap in gaps]
+        lines.append("# The flags below describe the rest; with them alone Megatron-LM would build a different model")
+        lines.append("# (these # lines make it stop instead). A model provider with the parts above can use them:")
+        lines.append("# grep -v '^#' megatron_lm_flags.txt")
+    lines.append(" ".join(megatron_lm_flags(arch)))
+    return "\n".join(lines) + "\n"
+
+
 def _option(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -93,4 +149,8 @@ def _option(name: str) -> str:
 def _value(name: str, value) -> str:
     if name == "rotary_base" and float(value).is_integer():
         return str(int(value))  # Megatron-LM parses it as an int (a fractional base stays fractional, and is refused there)
+    if name == "window_size":
+        return ",".join(str(v) for v in value)  # Megatron-LM's tuple_type: "left,right"
+    if name == "window_attn_skip_freq":
+        return "[" + ",".join(str(v) for v in value) + "]"  # its pattern type evaluates a list expression
     return repr(value) if isinstance(value, float) else str(value)

@@ -1,7 +1,9 @@
 """Build a Megatron-Core GPTModel (one chunk per virtual pipeline stage) from a small architecture record.
 
-The record holds what a Llama-family decoder needs; the checkpoint converters store it next to the
-weights so that training and conversion back never re-type architecture flags.
+The record (GPTArch) holds sizes and the choices that set families apart (activation, norm weighting,
+post-norms, embedding multiplier, soft-capping, sliding windows, RoPE bases); the checkpoint converters
+store it next to the weights, so training, conversion and verification build the same model and never
+re-type architecture flags. What megatron-core lacks for some choices comes from `wit_megatron.layers`.
 """
 
 from __future__ import annotations
@@ -21,9 +23,19 @@ from wit_megatron.runtime.parallel import ParallelLayout
 LayerSpec = Literal["auto", "te", "local"]
 
 
+def gelu_tanh(x: torch.Tensor) -> torch.Tensor:
+    """GELU with the tanh approximation (transformers' "gelu_pytorch_tanh")."""
+    return F.gelu(x, approximate="tanh")
+
+
+# GPTArch.activation -> the gated MLP's activation function.
+ACTIVATION_FUNCTIONS = {"silu": F.silu, "gelu_tanh": gelu_tanh}
+
+
 @dataclass(frozen=True)
 class GPTArch:
-    """A Llama-family decoder: RMSNorm, SwiGLU MLP, RoPE, grouped-query attention."""
+    """A decoder-only transformer with RoPE and grouped-query attention, gated MLP and RMSNorm; the defaults
+    of the fields after `kv_replicas` give a Llama-style decoder, other values Gemma-2/3's choices."""
 
     vocab_size: int
     num_layers: int
@@ -46,6 +58,45 @@ class GPTArch:
     # Copies of each HF KV head (consecutive query groups), so that TP can exceed the HF KV heads.
     # Exact only while the copies stay identical: wit_megatron.training.step sums their gradients.
     kv_replicas: int = 1
+    # The gated MLP's activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, tanh-approximated GELU).
+    activation: str = "silu"
+    # RMSNorms scale by (1 + w): weights are stored around 0 (Gemma; megatron-core's layernorm_zero_centered_gamma).
+    norm_weight_plus_one: bool = False
+    # An RMSNorm on the attention output and on the MLP output as well, before each residual add (Gemma-2/3).
+    post_norms: bool = False
+    # Word embeddings times this value, rounded to their dtype (Gemma: sqrt(hidden_size)); the output matrix is not scaled.
+    embedding_multiplier: Optional[float] = None
+    # Attention scores' scale if not 1/sqrt(head dim) (Gemma: 1/sqrt(query_pre_attn_scalar)).
+    softmax_scale: Optional[float] = None
+    # Soft-capping cap·tanh(x / cap) of the attention scores and of the output logits (Gemma-2).
+    attn_logit_softcapping: Optional[float] = None
+    final_logit_softcapping: Optional[float] = None
+    # Sliding-window attention: a query sees itself and the sliding_window - 1 tokens before it (HF's
+    # `sliding_window`), on the layers `window_layers` marks (None: every layer).
+    sliding_window: Optional[int] = None
+    window_layers: Optional[tuple[bool, ...]] = None
+    # RoPE base of the sliding-window layers, where it is not `rotary_base` (Gemma-3's local layers).
+    rotary_base_local: Optional[float] = None
+    # Linear RoPE scaling (positions / factor) of the layers with the global base (Gemma-3's rope_scaling).
+    rope_linear_factor: Optional[float] = None
+
+    def __post_init__(self):
+        if self.activation not in ACTIVATION_FUNCTIONS:
+            raise ValueError(f"activation {self.activation!r}: choose one of {', '.join(ACTIVATION_FUNCTIONS)}")
+        for name in ("embedding_multiplier", "softmax_scale", "attn_logit_softcapping", "final_logit_softcapping",
+                     "sliding_window", "rotary_base_local", "rope_linear_factor"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                raise ValueError(f"{name} must be positive, got {value!r}")
+        if self.window_layers is not None:
+            if self.sliding_window is None or len(self.window_layers) != self.num_layers:
+                raise ValueError(f"window_layers needs sliding_window and one entry per layer ({self.num_layers}), "
+                                 f"got {len(self.window_layers)} with sliding_window={self.sliding_window}")
+            object.__setattr__(self, "window_layers", tuple(bool(w) for w in self.window_layers))  # JSON gives a list
+        if self.rotary_base_local is not None and self.sliding_window is None:
+            raise ValueError("rotary_base_local is the RoPE base of sliding-window layers: it needs sliding_window")
+        if self.post_norms and self.add_bias_linear:
+            raise ValueError("post_norms with add_bias_linear: the output projections' bias would come after the post-norm")
 
     @property
     def hf_kv_heads(self) -> int:
@@ -106,9 +157,13 @@ def transformer_engine_available() -> bool:
 
 
 def transformer_config(arch: GPTArch, layout: ParallelLayout, dtype: torch.dtype = torch.float32, **overrides):
-    """The TransformerConfig for `arch` at `layout`, set up for WIT's per-token loss normalization."""
-    from megatron.core.transformer import TransformerConfig
+    """The TransformerConfig (`layers.config.ExtendedTransformerConfig`) for `arch` at `layout`, set up for
+    WIT's per-token loss normalization."""
+    from wit_megatron.layers.config import ExtendedTransformerConfig
 
+    windows = None
+    if arch.sliding_window is not None and arch.window_layers is not None:
+        windows = [int(w) for w in arch.window_layers]  # megatron-core's per-layer list: 1 = sliding window
     fields = dict(
         num_layers=arch.num_layers,
         hidden_size=arch.hidden_size,
@@ -117,12 +172,21 @@ def transformer_config(arch: GPTArch, layout: ParallelLayout, dtype: torch.dtype
         ffn_hidden_size=arch.ffn_hidden_size,
         kv_channels=arch.kv_channels,
         layernorm_epsilon=arch.norm_epsilon,
+        layernorm_zero_centered_gamma=arch.norm_weight_plus_one,
         add_qkv_bias=arch.add_qkv_bias,
         add_bias_linear=arch.add_bias_linear,
         qk_layernorm=arch.qk_layernorm,
         normalization="RMSNorm",
         gated_linear_unit=True,
-        activation_func=F.silu,
+        activation_func=ACTIVATION_FUNCTIONS[arch.activation],
+        softmax_scale=arch.softmax_scale,
+        # megatron-core's window (left, 0): a query sees the `left` tokens before it and itself.
+        window_size=None if arch.sliding_window is None else (arch.sliding_window - 1, 0),
+        window_attn_skip_freq=windows,
+        attn_logit_softcapping=arch.attn_logit_softcapping,
+        final_logit_softcapping=arch.final_logit_softcapping,
+        embedding_multiplier=arch.embedding_multiplier,
+        rotary_base_local=arch.rotary_base_local,
         hidden_dropout=0.0,
         attention_dropout=0.0,
         tensor_model_parallel_size=layout.tp,
@@ -143,23 +207,63 @@ def transformer_config(arch: GPTArch, layout: ParallelLayout, dtype: torch.dtype
     )
     fields.update(cpu.config_overrides())
     fields.update(overrides)
-    return TransformerConfig(**fields)
+    return ExtendedTransformerConfig(**fields)
+
+
+def resolve_layer_spec(kind: LayerSpec) -> str:
+    """"te" or "local" for `kind`; "auto": TE's on GPUs with TE installed, the local spec otherwise."""
+    if kind == "auto":
+        return "te" if transformer_engine_available() else "local"
+    if kind not in ("te", "local"):
+        raise ValueError(f"layer spec {kind!r}: choose auto, te or local")
+    if kind == "te" and not transformer_engine_available():
+        raise RuntimeError("the Transformer Engine layer spec needs a GPU and transformer-engine installed; use the local spec")
+    return kind
 
 
 def layer_spec(arch: GPTArch, kind: LayerSpec = "auto"):
-    """megatron-core's layer spec of `kind`: "te" (Transformer Engine), "local" (torch), or "auto":
-    TE's on GPUs with TE installed, the local spec otherwise."""
+    """The transformer layer's spec of `kind` ("te": Transformer Engine, "local": torch, "auto"):
+    megatron-core's, with `wit_megatron.layers` modules where `arch` needs what megatron-core's lack."""
+    import copy
+
     from megatron.core.models.gpt import gpt_layer_specs as specs
 
-    if kind == "auto":
-        kind = "te" if transformer_engine_available() else "local"
+    from wit_megatron.layers import attention, norm
+    from wit_megatron.runtime import compat
+
+    kind = resolve_layer_spec(kind)
     if kind == "te":
-        if not transformer_engine_available():
-            raise RuntimeError("the Transformer Engine layer spec needs a GPU and transformer-engine installed; use the local spec")
-        return specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
-    if kind != "local":
-        raise ValueError(f"layer spec {kind!r}: choose auto, te or local")
-    return specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+        spec = specs.get_gpt_layer_with_transformer_engine_spec(qk_layernorm=arch.qk_layernorm)
+    else:
+        spec = specs.get_gpt_layer_local_spec(qk_layernorm=arch.qk_layernorm, normalization="RMSNorm")
+    spec = copy.deepcopy(spec)  # its submodules are edited below
+    layer, attn = spec.submodules, spec.submodules.self_attention
+    if kind == "local" and arch.norm_weight_plus_one:  # torch's RMSNorm has no (1 + w); TE's norms have
+        layer.input_layernorm = layer.pre_mlp_layernorm = norm.RMSNorm
+        if arch.qk_layernorm:
+            attn.submodules.q_layernorm = attn.submodules.k_layernorm = norm.RMSNorm
+    # Soft-capped scores need our attention everywhere; sliding windows on the local spec (TE does them).
+    if arch.attn_logit_softcapping is not None or (kind == "local" and arch.sliding_window is not None):
+        attn.submodules.core_attention = attention.CoreAttention
+    if arch.rotary_base_local is not None:
+        attn.module = attention.SelfAttentionWithLocalRope
+    if arch.post_norms:
+        post = _norm_class(kind)
+        attn.submodules.linear_proj = norm.with_post_norm(attn.submodules.linear_proj, post)
+        mlp = compat.mlp_submodules(spec.submodules.mlp)
+        mlp.linear_fc2 = norm.with_post_norm(mlp.linear_fc2, post)
+    return spec
+
+
+def _norm_class(kind: str) -> type:
+    """The RMSNorm this project builds on its own for spec `kind` (post-norms, final norm with 1 + w)."""
+    if kind == "te":
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        return TENorm
+    from wit_megatron.layers.norm import RMSNorm
+
+    return RMSNorm
 
 
 def preferred_layer_spec(preference: Optional[str]) -> LayerSpec:
@@ -180,30 +284,44 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return module
 
 
-def build_model(arch: GPTArch, config, spec=None) -> list[torch.nn.Module]:
-    """GPTModel chunks for this rank (one per virtual pipeline stage). Process groups must exist."""
+def build_model(arch: GPTArch, config, kind: LayerSpec = "auto", spec=None) -> list[torch.nn.Module]:
+    """GPTModel chunks (`layers.gpt.ExtendedGPTModel`) for this rank, one per virtual pipeline stage, with
+    the layer spec of `kind` (see `layer_spec`), or `spec` where given (a spec of kind `kind` built
+    elsewhere: the tests' context-parallel attention). Process groups must exist."""
     from megatron.core import parallel_state as ps
-    from megatron.core.models.gpt import GPTModel
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 
-    spec = spec if spec is not None else layer_spec(arch)
+    from wit_megatron.layers.gpt import ExtendedGPTModel
+
+    kind = resolve_layer_spec(kind)
+    spec = spec or layer_spec(arch, kind)
     vpp = config.virtual_pipeline_model_parallel_size
     chunks = []
     for vp_stage in range(vpp or 1):
         stage = vp_stage if vpp else None
+        decoder = spec
+        if arch.norm_weight_plus_one:  # megatron-core's default final norm would be torch's, without (1 + w)
+            decoder = TransformerBlockSubmodules(layer_specs=[spec] * get_num_layers_to_build(config, vp_stage=stage),
+                                                 layer_norm=_norm_class(kind))
         chunks.append(
-            GPTModel(
+            ExtendedGPTModel(
                 config=config,
-                transformer_layer_spec=spec,
+                transformer_layer_spec=decoder,
                 vocab_size=arch.vocab_size,
                 max_sequence_length=arch.max_position_embeddings,
                 pre_process=ps.is_pipeline_first_stage(ignore_virtual=stage is None, vp_stage=stage),
                 post_process=ps.is_pipeline_last_stage(ignore_virtual=stage is None, vp_stage=stage),
                 share_embeddings_and_output_weights=arch.tie_embeddings,
                 position_embedding_type="rope",
-                rotary_base=int(arch.rotary_base) if float(arch.rotary_base).is_integer() else arch.rotary_base,
+                rotary_base=_rope_base(arch.rotary_base),
                 rope_scaling=arch.rope_scaling_factor is not None,
                 rope_scaling_factor=arch.rope_scaling_factor or 8.0,
+                seq_len_interpolation_factor=arch.rope_linear_factor,
                 vp_stage=stage,
             )
         )
     return chunks
+
+
+def _rope_base(base: float):
+    return int(base) if float(base).is_integer() else base

@@ -3,15 +3,20 @@
     python tests/gpu/check_wit_gpu.py            # on a GPU machine with transformer-engine
     python tests/gpu/check_wit_gpu.py --cpu-dry-run   # the same code path minus TE, on CPU
 
-Checks (each prints PASS/FAIL with its numbers; exit status 1 if any fails):
+Checks (each prints PASS/FAIL with its numbers; exit status 1 if any fails), 1 to 3 for three models: the
+Llama-style parity model, the same with every Gemma-2/3 part (scenarios.parity.GEMMA: soft-capped scores
+run through this project's CoreAttention with TE's linear layers and norms), and that without score
+soft-capping (Gemma-3-like: TE's own attention with per-layer windows, the local RoPE base, TE norms
+with (1 + w), post-norms):
  1. fp32: the WIT loss and gradients with the Transformer Engine layer spec equal the local spec and
     the single-process full-logits reference (TF32 off).
  2. bf16, Transformer Engine spec: the WIT loss is within bf16 rounding of the fp32 reference.
  3. Packed sequences through Transformer Engine's THD attention (cu_seqlens): per-token losses of
     records packed into one sequence equal the records run one by one.
- 4. Conversion with Transformer Engine's parameter naming: an HF checkpoint converted to Megatron loads
-    into the TE-spec GPTModel with no missing or unexpected keys and gives transformers' logits (fp32);
-    that model saved as training saves it exports to HF bit-identical to the original weights.
+ 4. Conversion with Transformer Engine's parameter naming (tiny Llama, Gemma-2 and Gemma-3 HF models):
+    an HF checkpoint converted to Megatron loads into the TE-spec GPTModel with no missing or unexpected
+    keys and gives transformers' logits (fp32); that model saved as training saves it exports to HF
+    bit-identical to the original weights.
  5. Context parallelism through Transformer Engine's ring attention (two GPUs, cp = 2, bf16: TE's CP
     attention has no fp32 kernel): the WIT loss and gradients equal dp = 2's in bf16, and the fp32
     single-process reference within bf16 tolerances (set, not yet measured on a GPU). On CPU the test
@@ -41,6 +46,7 @@ with the local spec (5 with the all-gather CP attention on two gloo ranks, 7 at 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -50,14 +56,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
-from tests.scenarios.parity import ARCH, WEIGHT_SEED, make_batch  # noqa: E402
+from tests.scenarios.parity import ARCH, GEMMA, WEIGHT_SEED, make_batch  # noqa: E402
 from wit_megatron.batch import flatten_for_thd, packed_seq_params  # noqa: E402
 from wit_megatron.loss import wit_loss  # noqa: E402
-from wit_megatron.model import build_model, layer_spec, transformer_config  # noqa: E402
+from wit_megatron.model import build_model, transformer_config  # noqa: E402
 from wit_megatron.runtime.parallel import ParallelLayout, init_distributed, init_model_parallel  # noqa: E402
 from wit_megatron.testing.params import load_full_tensors, named_full_params, seeded_weights  # noqa: E402
 
 FAILURES = []
+MODELS = {"llama": ARCH, "gemma": GEMMA, "gemma, no score cap": dataclasses.replace(GEMMA, attn_logit_softcapping=None)}
 
 
 def report(name: str, ok: bool, detail: str) -> None:
@@ -66,9 +73,9 @@ def report(name: str, ok: bool, detail: str) -> None:
         FAILURES.append(name)
 
 
-def model_for(spec_kind: str, dtype: torch.dtype):
-    config = transformer_config(ARCH, ParallelLayout(), dtype=dtype)
-    (model,) = build_model(ARCH, config, spec=layer_spec(ARCH, spec_kind))
+def model_for(spec_kind: str, dtype: torch.dtype, arch=ARCH):
+    config = transformer_config(arch, ParallelLayout(), dtype=dtype)
+    (model,) = build_model(arch, config, kind=spec_kind)
     load_full_tensors([model], seeded_weights(WEIGHT_SEED))
     return model.to(device())
 
@@ -126,24 +133,44 @@ def main():
     data = {k: v.to(device()) for k, v in make_batch({"num_seqs": 8, "lambdas": (0.2, 0.8), "seed": 1}).items()}
     specs = ["local", "te"] if have_te else ["local"]
 
+    for name, arch in MODELS.items():
+        check_model(name, arch, data, specs, have_te)
+
+    # 4. Conversion through the TE spec's parameter names (the local spec on a CPU dry run).
+    for case in ("llama", "gemma2", "gemma3"):
+        check_conversion(specs[-1], case)
+
+    # 6. The training entry point: WIT against Megatron-LM's plain masked loss, tokens/s and MFU.
+    check_training_throughput(args.cpu_dry_run, args.smollm2)
+    # 7, 8. The chunked output layer, alone at Llama-3's size and through the training step.
+    check_output_layer(small=not torch.cuda.is_available())
+    check_chunked_training_step(specs[-1])
+
+    print("NOTE  sequence parallelism (tp >= 2) is not checked by this script", flush=True)
+    print(f"{len(FAILURES)} failed" if FAILURES else "all checks passed", flush=True)
+    sys.exit(1 if FAILURES else 0)
+
+
+def check_model(name: str, arch, data: dict, specs: list[str], have_te: bool) -> None:
     # 1. fp32: each spec against the reference.
-    ref_loss, ref_grads = reference_loss_and_grads(model_for("local", torch.float32), data)
+    ref_loss, ref_grads = reference_loss_and_grads(model_for("local", torch.float32, arch), data)
     for kind in specs:
-        loss, grads = wit_loss_and_grads(model_for(kind, torch.float32), data)
+        loss, grads = wit_loss_and_grads(model_for(kind, torch.float32, arch), data)
         rel = abs(loss - ref_loss) / ref_loss
         err = max_rel_grad_error(grads, ref_grads)
-        report(f"fp32 {kind} spec vs reference", rel <= 1e-5 and err <= 1e-4, f"loss {loss:.8f} vs {ref_loss:.8f} (rel {rel:.1e}), grads max rel err {err:.1e}")
+        report(f"{name}: fp32 {kind} spec vs reference", rel <= 1e-5 and err <= 1e-4,
+               f"loss {loss:.8f} vs {ref_loss:.8f} (rel {rel:.1e}), grads max rel err {err:.1e}")
 
     # 2. bf16 with the production spec.
     kind = specs[-1]
-    loss, _ = wit_loss_and_grads(model_for(kind, torch.bfloat16), data)
+    loss, _ = wit_loss_and_grads(model_for(kind, torch.bfloat16, arch), data)
     rel = abs(loss - ref_loss) / ref_loss
-    report(f"bf16 {kind} spec vs fp32 reference", rel <= 2e-2, f"loss {loss:.5f} vs {ref_loss:.5f} (rel {rel:.1e})")
+    report(f"{name}: bf16 {kind} spec vs fp32 reference", rel <= 2e-2, f"loss {loss:.5f} vs {ref_loss:.5f} (rel {rel:.1e})")
 
     # 3. Packed records through TE THD attention equal the records one by one; a micro-batch of two
     #    packed rows goes through flatten_for_thd like train.forward_step does.
     if have_te:
-        model = model_for("te", torch.bfloat16)
+        model = model_for("te", torch.bfloat16, arch)
         rows = [[11, 5, 16], [20, 12]]  # record lengths per row; each row is 32 tokens
         seq = sum(rows[0])
         tokens, labels = data["tokens"][:2, :seq], data["labels"][:2, :seq]
@@ -162,23 +189,10 @@ def main():
                     single[row, sl] = model(tokens[row : row + 1, sl], position[row : row + 1, :n], None, labels=labels[row : row + 1, sl])[0]
                     start += n
         diff = (packed.float() - single.float()).abs().max().item()
-        report("packed THD (2 rows) vs one record at a time (bf16)", diff <= 5e-2, f"max |Δ per-token NLL| {diff:.2e}")
-
-    # 4. Conversion through the TE spec's parameter names (the local spec on a CPU dry run).
-    check_conversion(specs[-1])
-
-    # 6. The training entry point: WIT against Megatron-LM's plain masked loss, tokens/s and MFU.
-    check_training_throughput(args.cpu_dry_run, args.smollm2)
-    # 7, 8. The chunked output layer, alone at Llama-3's size and through the training step.
-    check_output_layer(small=not torch.cuda.is_available())
-    check_chunked_training_step(specs[-1])
-
-    print("NOTE  sequence parallelism (tp >= 2) is not checked by this script", flush=True)
-    print(f"{len(FAILURES)} failed" if FAILURES else "all checks passed", flush=True)
-    sys.exit(1 if FAILURES else 0)
+        report(f"{name}: packed THD (2 rows) vs one record at a time (bf16)", diff <= 5e-2, f"max |Δ per-token NLL| {diff:.2e}")
 
 
-def check_conversion(kind: str) -> None:
+def check_conversion(kind: str, case: str) -> None:
     import tempfile
 
     from tests.convert_models import safetensors_of
@@ -187,14 +201,16 @@ def check_conversion(kind: str) -> None:
     from wit_megatron.convert.mcore_to_hf import convert_megatron_to_hf
     from wit_megatron.convert.verify import hf_logits, load_model, model_logits
 
-    hf = Path(__file__).resolve().parents[1] / "data/convert/tiny-llama-hf"
-    tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))
+    from tests.convert_models import build
+
+    tokens = torch.randint(0, 100, (2, 16), generator=torch.Generator().manual_seed(0))  # 16 > the Gemma windows (4)
     with tempfile.TemporaryDirectory() as tmp:
+        hf = Path(__file__).resolve().parents[1] / "data/convert/tiny-llama-hf" if case == "llama" else build(case, Path(tmp) / "hf")
         convert_hf_to_megatron(hf, Path(tmp) / "megatron", progress=False)
         (model,), arch, missing, unexpected = load_model(str(Path(tmp) / "megatron"), (1, 1, None))
         uses_te = any(type(m).__module__.startswith("megatron.core.extensions.transformer_engine") for m in model.modules())
         diff = (model_logits([model], arch, tokens) - hf_logits(hf, tokens)).abs().max().item()
-        report(f"converted checkpoint into the {kind} spec (TE modules: {uses_te}) vs transformers",
+        report(f"{case}: converted checkpoint into the {kind} spec (TE modules: {uses_te}) vs transformers",
                not missing and not unexpected and diff <= 1e-4 and uses_te == (kind == "te"),
                f"missing {sorted(missing)}, unexpected {sorted(unexpected)}, max |Δlogit| {diff:.1e}")
         record = ckpt.read_record(*ckpt.resolve(Path(tmp) / "megatron"))
@@ -203,7 +219,7 @@ def check_conversion(kind: str) -> None:
         before, after = safetensors_of(hf), safetensors_of(Path(tmp) / "back")
         same = sorted(before) == sorted(after) and all(
             before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]) for k in before)
-        report(f"{kind}-spec model saved by training -> HF", same, f"{len(after)} tensors, bit-identical: {same}")
+        report(f"{case}: {kind}-spec model saved by training -> HF", same, f"{len(after)} tensors, bit-identical: {same}")
 
 
 # Dense bf16 peak (TFLOP/s) of the GPUs the device machines lend; others get tokens/s only.
@@ -390,7 +406,7 @@ def check_chunked_training_step(kind: str) -> None:
     for name, dtype, impl in (("fp32", torch.float32, "unfused"), ("bf16 unfused", torch.bfloat16, "unfused"),
                               ("bf16 chunked", torch.bfloat16, "chunked")):
         config = transformer_config(ARCH, ParallelLayout(), dtype=dtype)
-        (chunk,) = build_model(ARCH, config, spec=layer_spec(ARCH, kind))
+        (chunk,) = build_model(ARCH, config, kind=kind)
         load_full_tensors([chunk], seeded_weights(WEIGHT_SEED))
         model = wrap_ddp([chunk.to(device())], config)
         report_ = _step(model, data, 2, IMPLS[impl], forward_only=False)

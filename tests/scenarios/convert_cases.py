@@ -36,6 +36,29 @@ def logits(jobs: list[dict]) -> list[dict]:
     return out
 
 
+def logits_with_changed_arch(jobs: list[dict]) -> list[dict]:
+    """One rank. Each job: {"checkpoint", "tokens", "changes": {GPTArch field: value}}: the logits at tp1pp1
+    of the stored weights in a model whose architecture has those fields changed."""
+    import dataclasses
+    from pathlib import Path
+
+    from wit_megatron import checkpoint as ckpt
+    from wit_megatron.convert.verify import model_logits
+    from wit_megatron.model import build_model, transformer_config
+    from wit_megatron.runtime.parallel import ParallelLayout, init_model_parallel
+
+    out = []
+    for job in jobs:
+        opened = ckpt.open_checkpoint(Path(job["checkpoint"]))
+        arch = dataclasses.replace(opened.arch, **job["changes"])
+        init_model_parallel(ParallelLayout())
+        chunks = build_model(arch, transformer_config(arch, ParallelLayout(), calculate_per_token_loss=False))
+        missing, unexpected = ckpt.load_into_model(chunks, opened.directory)
+        assert not missing and not unexpected, (missing, unexpected)
+        out.append(model_logits(chunks, arch, job["tokens"]))
+    return out
+
+
 def next_token_nll(jobs: list[dict]) -> list[dict]:
     """Every rank (pp 1). Each job: {"checkpoint", "tp", "tokens": [b, s]}. Megatron's own training loss:
     GPTModel with labels (vocab-parallel cross entropy over all padded rows), per token [b, s-1]."""

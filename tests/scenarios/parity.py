@@ -7,6 +7,7 @@ its stage (TP rank 0 of DP rank 0); the reference is computed afterwards on glob
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import torch
@@ -24,6 +25,15 @@ ARCH = GPTArch(
     ffn_hidden_size=128, max_position_embeddings=64,
 )
 SEQ_LEN = 32
+# The same sizes with every Gemma-2/3 part: soft-caps that bite, windows shorter than the sequences on
+# layers 1, 2 and 4, a local RoPE base, q/k norms, post-norms, (1 + w) norms, GeGLU. (Untied: name-seeded
+# weights would give a tied model's two pipeline-stage copies different values.)
+GEMMA = dataclasses.replace(
+    ARCH, kv_channels=16, qk_layernorm=True, activation="gelu_tanh", norm_weight_plus_one=True,
+    post_norms=True, embedding_multiplier=8.0, softmax_scale=0.2, attn_logit_softcapping=2.0, final_logit_softcapping=1.5,
+    sliding_window=8, window_layers=(True, True, False, True), rotary_base_local=100.0,
+)
+ARCHS = {"llama": ARCH, "gemma": GEMMA}
 WEIGHT_SEED = 7
 
 
@@ -37,12 +47,13 @@ def make_batch(spec: dict) -> dict[str, torch.Tensor]:
 def run_case(layout: tuple, micro_batch_size: int, batch: dict, dtype: str = "float32") -> dict:
     from megatron.core import parallel_state as ps
 
+    arch = ARCHS[batch.get("arch", "llama")]
     layout = ParallelLayout(*layout)
     init_model_parallel(layout)
-    config = transformer_config(ARCH, layout, dtype=getattr(torch, dtype))
+    config = transformer_config(arch, layout, dtype=getattr(torch, dtype))
     # cp >= 2 without Transformer Engine: the local spec with an all-gather CP attention (see cp_attention.py).
-    spec = cp_layer_spec(ARCH) if layout.cp > 1 and not transformer_engine_available() else None
-    chunks = build_model(ARCH, config, spec=spec)
+    spec = cp_layer_spec(arch) if layout.cp > 1 and not transformer_engine_available() else None
+    chunks = build_model(arch, config, spec=spec)
     load_full_tensors(chunks, seeded_weights(WEIGHT_SEED))
     model = wrap_ddp(chunks, config)
     data = make_batch(batch)
@@ -65,8 +76,9 @@ def reference(batch: dict) -> dict:
     init_model_parallel(ParallelLayout())
     if torch.distributed.get_rank() != 0:
         return None
-    config = transformer_config(ARCH, ParallelLayout())
-    (model,) = build_model(ARCH, config)
+    arch = ARCHS[batch.get("arch", "llama")]
+    config = transformer_config(arch, ParallelLayout())
+    (model,) = build_model(arch, config)
     load_full_tensors([model], seeded_weights(WEIGHT_SEED))
     device = next(model.parameters()).device  # a GPU under tests/gpu/check_wit_gpu.py
     data = {k: v.to(device) for k, v in make_batch(batch).items()}
@@ -92,8 +104,8 @@ def reference(batch: dict) -> dict:
 
 
 def run(cases: list[dict], references: list[dict] = ()) -> dict:
-    """cases: {"layout": (tp, pp, vpp, cp), "mbs": int, "batch": batch spec, optional "dtype": "bfloat16"};
-    references (float32): batch specs."""
+    """cases: {"layout": (tp, pp, vpp, cp), "mbs": int, "batch": batch spec (its "arch": a key of ARCHS, default
+    "llama"), optional "dtype": "bfloat16"}; references (float32): batch specs."""
     return {
         "cases": [run_case(c["layout"], c["mbs"], c["batch"], c.get("dtype", "float32")) for c in cases],
         "references": [reference(b) for b in references],

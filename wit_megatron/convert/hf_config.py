@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import math
+import typing
 from typing import Optional
 
-from wit_megatron.convert.families import Family
+from wit_megatron.convert.families import Family, HFFlag
 from wit_megatron.convert.transforms import ConversionError
 from wit_megatron.model import GPTArch
 
@@ -18,7 +19,7 @@ MCORE_LLAMA3_FIXED = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original
 LLAMA3_KEYS = ("factor", *MCORE_LLAMA3_FIXED)
 
 
-def _number(where: str, value) -> float:
+def number(where: str, value) -> float:
     """A config value that must be a number, as float; a ConversionError naming `where` otherwise."""
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConversionError(f"config.json {where}={value!r}: expected a number")
@@ -38,7 +39,7 @@ def rope_settings(config: dict) -> tuple[float, Optional[float]]:
             "one RoPE for every layer is supported"
         )
     params = dict(params)
-    theta = _number("rope_parameters.rope_theta" if "rope_theta" in params else "rope_theta",
+    theta = number("rope_parameters.rope_theta" if "rope_theta" in params else "rope_theta",
                     params.pop("rope_theta", config.get("rope_theta", 10000.0)))
     source = "rope_scaling" if config.get("rope_scaling") else "rope_parameters"
     scaling = config.get("rope_scaling") or params
@@ -46,7 +47,7 @@ def rope_settings(config: dict) -> tuple[float, Optional[float]]:
         raise ConversionError(f"config.json {source}={scaling!r}: expected an object")
     # transformers v5 keeps partial_rotary_factor in rope_parameters, v4 at the top level.
     for where, holder in (("partial_rotary_factor", config), (f"{source}.partial_rotary_factor", scaling)):
-        if holder.get("partial_rotary_factor") is not None and _number(where, holder["partial_rotary_factor"]) != 1.0:
+        if holder.get("partial_rotary_factor") is not None and number(where, holder["partial_rotary_factor"]) != 1.0:
             raise ConversionError(
                 f"config.json {where}={holder['partial_rotary_factor']} is not supported (only 1.0: RoPE on the whole head)"
             )
@@ -65,12 +66,12 @@ def rope_settings(config: dict) -> tuple[float, Optional[float]]:
             f"config.json {source} of type 'llama3' lacks {', '.join(missing)} (required: {', '.join(LLAMA3_KEYS)})"
         )
     for key, fixed in MCORE_LLAMA3_FIXED.items():
-        if _number(f"{source}.{key}", scaling[key]) != fixed:
+        if number(f"{source}.{key}", scaling[key]) != fixed:
             raise ConversionError(
                 f"llama3 rope scaling with {key}={scaling[key]} would drift: megatron-core fixes {key}={fixed:g} "
                 f"(only `factor` is configurable; config.json {source})"
             )
-    return theta, _number(f"{source}.factor", scaling["factor"])
+    return theta, number(f"{source}.factor", scaling["factor"])
 
 
 def max_tensor_parallel(num_attention_heads: int, num_query_groups: int, ffn_hidden_size: int) -> int:
@@ -89,10 +90,31 @@ def padded_vocab_size(vocab: int, max_tp: int, vocab_multiple: Optional[int] = N
     return -(-vocab // multiple) * multiple
 
 
-# GPTArch fields config.json must give, and the type each copied value must have.
+# GPTArch fields config.json must give.
 REQUIRED = ("vocab_size", "num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "max_position_embeddings")
-FIELD_KINDS = {**{k: int for k in (*REQUIRED, "num_query_groups", "kv_channels")}, "norm_epsilon": float,
-               "tie_embeddings": bool}
+
+
+def field_kinds() -> dict[str, type]:
+    """GPTArch field -> the type a value copied from config.json must have (its annotation, Optional removed)."""
+    kinds = {}
+    for name, hint in typing.get_type_hints(GPTArch).items():
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        kinds[name] = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+    return kinds
+
+
+def _checked(family: Family, arch_field: str, value, kind: type):
+    """`value` of config.json's key for `arch_field`, checked against the field's type."""
+    key = family.config[arch_field]
+    if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ConversionError(f"config.json {key}={value!r}: expected a positive integer")
+    if kind is float:
+        return number(key, value)
+    if kind is bool and not isinstance(value, bool):
+        raise ConversionError(f"config.json {key}={value!r}: expected true or false")
+    if kind is str and not isinstance(value, str):
+        raise ConversionError(f"config.json {key}={value!r}: expected a string")
+    return value
 
 
 def arch_from_hf_config(family: Family, config: dict, vocab_multiple: Optional[int] = None, kv_replicas: int = 1) -> GPTArch:
@@ -100,7 +122,11 @@ def arch_from_hf_config(family: Family, config: dict, vocab_multiple: Optional[i
     multiple that every valid TP size divides (usually no padding), or, if `vocab_multiple` is given,
     to the smallest multiple of both. Padded entries enter Megatron's softmax (see `padded_vocab_size`).
     `kv_replicas` copies of each KV head make megatron-core's query groups KV heads x kv_replicas, and
-    so the valid TP sizes (and the padding) those of that many groups."""
+    so the valid TP sizes (and the padding) those of that many groups.
+
+    Keys config.json omits take the family's HF config class defaults (`Family.hf_defaults`), as
+    transformers reads the file."""
+    config = {**family.hf_defaults, **config}
     for refusal in family.refusals:
         value = config.get(refusal.key)
         try:
@@ -117,14 +143,8 @@ def arch_from_hf_config(family: Family, config: dict, vocab_multiple: Optional[i
     missing = [k for k in REQUIRED if fields.get(k) is None]
     if missing:
         raise ConversionError(f"config.json lacks {', '.join(family.config[k] for k in missing)}")
-    for arch_field, value in fields.items():
-        kind = FIELD_KINDS.get(arch_field)
-        if kind is int and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-            raise ConversionError(f"config.json {family.config[arch_field]}={value!r}: expected a positive integer")
-        if kind is float:
-            _number(family.config[arch_field], value)
-        if kind is bool and not isinstance(value, bool):
-            raise ConversionError(f"config.json {family.config[arch_field]}={value!r}: expected true or false")
+    kinds = field_kinds()
+    fields = {name: _checked(family, name, value, kinds[name]) for name, value in fields.items()}
     if fields["num_attention_heads"] % fields["num_query_groups"]:
         raise ConversionError(
             f"config.json num_key_value_heads={fields['num_query_groups']} does not divide "
@@ -141,8 +161,8 @@ def arch_from_hf_config(family: Family, config: dict, vocab_multiple: Optional[i
     fields["num_query_groups"] *= kv_replicas
     fields["kv_replicas"] = kv_replicas
     for arch_field, value in family.fixed.items():
-        fields[arch_field] = bool(config.get(value)) if isinstance(value, str) else value
-    fields["rotary_base"], fields["rope_scaling_factor"] = rope_settings(config)
+        fields[arch_field] = bool(config.get(value.key)) if isinstance(value, HFFlag) else value
+    fields.update(family.derived(config))
     if fields.get("kv_channels") == fields["hidden_size"] // fields["num_attention_heads"]:
         fields.pop("kv_channels")
     vocab = fields["vocab_size"]
@@ -150,4 +170,7 @@ def arch_from_hf_config(family: Family, config: dict, vocab_multiple: Optional[i
     padded = padded_vocab_size(vocab, max_tp, vocab_multiple)
     if padded != vocab:
         fields["vocab_size"], fields["unpadded_vocab_size"] = padded, vocab
-    return GPTArch(**fields)
+    try:
+        return GPTArch(**fields)
+    except ValueError as e:  # values each fine alone that do not make one model
+        raise ConversionError(f"config.json describes no model this converter can build: {e}") from None

@@ -13,7 +13,7 @@ from typing import Iterator, Optional
 import torch
 
 from wit_megatron.convert.transforms import ConversionError
-from wit_megatron.model import GPTArch, build_model, layer_spec, transformer_config
+from wit_megatron.model import GPTArch, build_model, transformer_config
 from wit_megatron.runtime.parallel import ParallelLayout
 
 
@@ -22,7 +22,7 @@ def meta_model(arch: GPTArch, dtype: torch.dtype):
     Transformer Engine's (see `families`)."""
     config = transformer_config(arch, ParallelLayout(), dtype, use_cpu_initialization=True, perform_initialization=False)
     with torch.device("meta"):
-        (model,) = build_model(arch, config, spec=layer_spec(arch, "local"))
+        (model,) = build_model(arch, config, kind="local")
     return model
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import queue
 from functools import lru_cache
@@ -45,6 +46,14 @@ def slice_for_context_parallel(batch: dict[str, torch.Tensor]) -> dict[str, torc
     if "is_hybrid_cp" in inspect.signature(get_batch_on_this_cp_rank).parameters:
         return get_batch_on_this_cp_rank(dict(batch), is_hybrid_cp=False, cp_group=group)
     return get_batch_on_this_cp_rank(dict(batch), cp_group=group)
+
+
+def mlp_submodules(mlp_spec):
+    """The MLPSubmodules (linear_fc1, linear_fc2) of a GPT layer spec's `mlp` entry, to edit in place:
+    0.16 gives a ModuleSpec(module=MLP, submodules=...), 0.19 `partial(MLP.as_mlp_submodule, submodules=...)`."""
+    if isinstance(mlp_spec, functools.partial):
+        return mlp_spec.keywords["submodules"]
+    return mlp_spec.submodules
 
 
 def save_distributed_checkpoint(sharded_state_dict: dict, directory, writers: Optional[int] = None,

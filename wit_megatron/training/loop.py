@@ -19,7 +19,7 @@ import torch
 
 from wit_megatron import checkpoint
 from wit_megatron.data.loader import DataConfig, PaddedDataset, agreed_length, build_datasets, micro_batches, padded_length
-from wit_megatron.model import build_model, layer_spec, preferred_layer_spec, transformer_config
+from wit_megatron.model import build_model, preferred_layer_spec, transformer_config
 from wit_megatron.output_loss import OutputLoss
 from wit_megatron.runtime.parallel import init_distributed, init_model_parallel
 from wit_megatron.training.arguments import TINY_FAMILY
@@ -73,7 +73,7 @@ def pretrain(args: argparse.Namespace, forward_step_func=None) -> RunResult:
                                 recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
                                 recompute_num_layers=args.recompute_num_layers)
     spec = preferred_layer_spec(args.transformer_impl or record.get("layer_spec"))
-    model = wrap_ddp(build_model(args.arch, config, spec=layer_spec(args.arch, spec)), config, args.use_distributed_optimizer,
+    model = wrap_ddp(build_model(args.arch, config, kind=spec), config, args.use_distributed_optimizer,
                      args.overlap_grad_reduce, args.overlap_param_gather)
     logger.print(f"layer spec: {spec} | parallel layout: {args.layout} dp{args.data_parallel_size} | "
                  f"precision: {str(args.params_dtype).removeprefix('torch.')} | "

@@ -1,15 +1,25 @@
-"""Model families: one declarative table each (HF tensor names <-> Megatron-Core checkpoint keys).
+"""Model families: one module each in this folder, holding everything about the family.
 
-A `Rule` maps the HF tensors of one Megatron tensor through a transform. Megatron keys are the
-keys of megatron-core's torch_dist checkpoints (`GPTModel.sharded_state_dict()`): layers stacked
-under `decoder.layers.<param>`, norms under Transformer Engine's fused names. `local` gives the
-parameter name of the local (torch) layer spec where it differs, for in-memory state dicts.
-
-Adding a family adds a module with a `FAMILY` table and one line in `FAMILIES`.
+A family module builds a `Family` and passes it to `register`, which every module of this folder does
+when `family_for` first looks a family up: nothing else names it. Its `Family` gives
+- the tensor table: a `Rule` maps the HF tensors of one Megatron tensor through a transform. Megatron
+  keys are the keys of megatron-core's torch_dist checkpoints (`GPTModel.sharded_state_dict()`): layers
+  stacked under `decoder.layers.<param>`, norms under Transformer Engine's fused names; `local` gives
+  the parameter name of the local (torch) layer spec where it differs, for in-memory state dicts;
+- the config table: GPTArch fields copied from config.json keys, fixed values (the family's norm,
+  activation and the like), `derived` fields computed from the config (RoPE, embedding multiplier,
+  sliding windows), the HF config class's defaults for keys config.json may omit, and the refusals of
+  what Megatron-Core cannot represent exactly;
+- `examples`: tiny configs of the family's transformers config class, which the conversion tests build
+  and check (round trip, logits at every layout) like every other family's.
+To add a family, copy the module of the closest one (`gemma2.py` for a Gemma-like family, `qwen3.py`
+for a Llama-like one); the model side reads only GPTArch fields (wit_megatron.model).
 """
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
@@ -70,11 +80,13 @@ def megatron_shapes(arch: GPTArch) -> dict[str, tuple[int, ...]]:
         attention + "k_layernorm.weight": (d,),
         attention + "linear_proj.weight": (h, arch.num_attention_heads * d),
         attention + "linear_proj.bias": (h,),
+        attention + "linear_proj.post_layernorm.weight": (h,),
         mlp + "linear_fc1.layer_norm_weight": (h,),
         mlp + "linear_fc1.weight": (2 * ffn, h),
         mlp + "linear_fc1.bias": (2 * ffn,),
         mlp + "linear_fc2.weight": (h, ffn),
         mlp + "linear_fc2.bias": (h,),
+        mlp + "linear_fc2.post_layernorm.weight": (h,),
         "decoder.final_layernorm.weight": (h,),
         "output_layer.weight": (arch.vocab_size, h),
     }
@@ -97,28 +109,63 @@ class Refusal:
     why: str
 
 
+def uniform_rope(config: dict) -> dict:
+    """RoPE fields of a config with one RoPE for every layer (see hf_config.rope_settings)."""
+    from wit_megatron.convert.hf_config import rope_settings
+
+    base, factor = rope_settings(config)
+    return {"rotary_base": base, "rope_scaling_factor": factor}
+
+
+@dataclass(frozen=True)
+class HFFlag:
+    """A `Family.fixed` value read from an HF config key as a truth value (add_bias_linear <- attention_bias)."""
+
+    key: str
+
+
 @dataclass(frozen=True)
 class Family:
     architectures: tuple[str, ...]
     rules: tuple[Rule, ...]
     # GPTArch field -> HF config key (value copied) ...
     config: dict[str, str]
-    # ... or GPTArch field -> fixed value / HF key whose value is used as a bool
+    # ... or GPTArch field -> fixed value (the family's norm, activation, ...) or HFFlag
     fixed: dict[str, Any] = field(default_factory=dict)
     refusals: tuple[Refusal, ...] = ()
+    # GPTArch fields computed from the whole config (after the refusals): RoPE and what the table cannot copy.
+    derived: Callable[[dict], dict] = uniform_rope
+    # The HF config class's defaults for keys config.json may omit, as transformers reads the file.
+    hf_defaults: dict[str, Any] = field(default_factory=dict)
+    # Tiny test models: name -> (transformers config class, its arguments over tests/convert_models.BASE).
+    examples: dict[str, tuple[str, dict]] = field(default_factory=dict)
 
     def rules_for(self, arch: GPTArch) -> list[Rule]:
         return [r for r in self.rules if r.applies(arch)]
 
 
-def _families() -> dict[str, Family]:
-    from wit_megatron.convert.families import llama, mistral, qwen2, qwen3
+_REGISTRY: dict[str, Family] = {}
 
-    table = {}
-    for module in (llama, mistral, qwen2, qwen3):
-        for architecture in module.FAMILY.architectures:
-            table[architecture] = module.FAMILY
-    return table
+
+def register(family: Family) -> Family:
+    """Make `family` convertible: called by its module, once, for every HF architecture it names."""
+    for architecture in family.architectures:
+        if architecture in _REGISTRY and _REGISTRY[architecture] is not family:
+            raise ValueError(f"two families claim the HF architecture {architecture}")
+        _REGISTRY[architecture] = family
+    return family
+
+
+def _families() -> dict[str, Family]:
+    """Every family of this folder, registered by importing its module."""
+    for module in pkgutil.iter_modules(__path__):
+        importlib.import_module(f"{__name__}.{module.name}")
+    return _REGISTRY
+
+
+def families() -> list[Family]:
+    """Every registered family, once each."""
+    return list({id(f): f for f in _families().values()}.values())
 
 
 def supported_architectures() -> list[str]:

@@ -1,6 +1,6 @@
 """Llama 2 / 3 / 3.1 / 3.2 (LlamaForCausalLM): the base table the other families extend."""
 
-from wit_megatron.convert.families import Family, Refusal, Rule
+from wit_megatron.convert.families import Family, HFFlag, Refusal, Rule, register
 from wit_megatron.convert.transforms import GATE_UP, QKV, VOCAB
 
 L = "model.layers.{i}."
@@ -50,10 +50,20 @@ REFUSALS = (
     Refusal("pretraining_tp", lambda v, c: v in (None, 1), "pretraining_tp > 1 changes the numerics"),
 )
 
-FAMILY = Family(
+# Llama-3.2's RoPE scaling (factor 32; Llama-3.1's 8.0 is also megatron-core's default, which would hide a dropped factor).
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 32.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 8192, "rope_theta": 500000.0}
+
+FAMILY = register(Family(
     architectures=("LlamaForCausalLM",),
     rules=RULES,
     config=CONFIG,
-    fixed={"add_bias_linear": "attention_bias"},
+    fixed={"add_bias_linear": HFFlag("attention_bias")},
     refusals=REFUSALS,
-)
+    examples={
+        "llama_gqa_tied": ("LlamaConfig", dict(tie_word_embeddings=True)),
+        "llama3_rope_scaling": ("LlamaConfig", dict(rope_parameters=LLAMA3_ROPE, max_position_embeddings=16384)),
+        "llama_mqa_biases": ("LlamaConfig", dict(num_key_value_heads=1, attention_bias=True, mlp_bias=True)),
+        "llama_gqa8_kv2": ("LlamaConfig", dict(num_attention_heads=8, num_key_value_heads=2)),
+    },
+))

@@ -2,9 +2,9 @@
 
 from dataclasses import replace
 
-from wit_megatron.convert.families import Refusal, llama
+from wit_megatron.convert.families import Refusal, llama, register
 
-FAMILY = replace(
+FAMILY = register(replace(
     llama.FAMILY,
     architectures=("MistralForCausalLM",),
     fixed={},
@@ -14,4 +14,5 @@ FAMILY = replace(
                 "sliding-window attention is not represented in this converter's Megatron model; "
                 "a window shorter than max_position_embeddings would drift"),
     ),
-)
+    examples={"mistral": ("MistralConfig", dict(sliding_window=None, head_dim=8))},
+))

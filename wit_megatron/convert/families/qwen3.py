@@ -2,11 +2,12 @@
 
 from dataclasses import replace
 
-from wit_megatron.convert.families import llama, qwen2
+from wit_megatron.convert.families import HFFlag, llama, qwen2, register
 
-FAMILY = replace(
+FAMILY = register(replace(
     llama.FAMILY,
     architectures=("Qwen3ForCausalLM",),
-    fixed={"qk_layernorm": True, "add_bias_linear": "attention_bias"},
+    fixed={"qk_layernorm": True, "add_bias_linear": HFFlag("attention_bias")},
     refusals=(llama.REFUSALS[0], qwen2.SLIDING_WINDOW, llama.REFUSALS[1]),
-)
+    examples={"qwen3_qk_norm": ("Qwen3Config", dict(head_dim=16))},
+))
