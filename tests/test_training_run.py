@@ -99,7 +99,7 @@ def hf_reference(hf_dir: Path, samples: list[dict], grad_norm: bool = False) -> 
                 weighted.append((weight * nll).sum())
                 for key, sel, term in (("lm loss", weight != 0, weight * nll), ("prompt nll", mask & ~response, nll),
                                        ("response nll", response, nll)):
-                    sums[key][0] += float(term[sel].sum())
+                    sums[key][0] += float(term[sel].detach().sum())
                     sums[key][1] += int(sel.sum())
     out = {key: {"loss": s / n, "count": n} for key, (s, n) in sums.items()}
     if grad_norm:
