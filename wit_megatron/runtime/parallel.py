@@ -73,6 +73,10 @@ def init_model_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
             if group in live:
                 torch.distributed.destroy_process_group(group)
         del groups
+        # RotaryEmbedding.forward is an lru_cache holding its module, whose cp_group (0.17+) keeps a group alive.
+        from megatron.core.models.common.embeddings.rotary_pos_embedding import RotaryEmbedding
+
+        RotaryEmbedding.forward.cache_clear()
         gc.collect()  # a group's threads end when its last reference (models of the old layout, in cycles) goes
     layout.data_parallel_size(torch.distributed.get_world_size())  # validates divisibility
     parallel_state.initialize_model_parallel(
