@@ -203,3 +203,63 @@ def test_export_converts_each_finished_run_for_lm_eval(sweep, capsys):
     assert cli.main(["collect", str(sweep["dir"])]) == 0
     rows = json.loads((sweep["dir"] / "results.json").read_text())["runs"]
     assert [bool(row["hf"]) for row in rows] == [True, True, True, False]
+
+
+def log_line(iteration: int, of: int, loss: float, prompt: int, response: int) -> str:
+    """A training log line as wit_megatron.training.log prints it (the fields collect reads)."""
+    return (f" iteration {iteration:8d}/{of:8d} | consumed samples: {2 * iteration:12d} | elapsed time per iteration (ms): 9.0 |"
+            f" learning rate: 1.000000E-03 | global batch size:     2 | lm loss: {loss:.6E} | prompt nll: {loss + 1:.6E} |"
+            f" response nll: {loss:.6E} | loss scale: 1.0 | tokens per second: 10.0 | number of skipped iterations:   0 |"
+            f" number of nan iterations:   0 | prompt tokens: {prompt} | response tokens: {response} | N: {prompt + response} |")
+
+
+def test_status_follows_a_run_across_kills_stops_and_resumes(tmp_path):
+    """Every state a run can be in, from its train.log: a resume from an earlier save replaces the
+    iterations after it, a killed attempt is failed with what killed it, one that has not ended is
+    running, a clean stop is stopped; collect keeps every run, whatever its state."""
+    from wit_megatron.sweep.collect import collect
+    from wit_megatron.sweep.plan import PlanConfig, plan
+
+    sweep = plan(PlanConfig(out=tmp_path / "s", lambda_prompt=[0, 1], lambda_response=[0.5, 1], nproc_per_node=1,
+                            train_args=["--data-path", "DATA", "--train-iters", "4"], check=False))
+    runs = {run.name: tmp_path / "s" / "runs" / run.name for run in sweep.runs}
+    started = "=== attempt started 2026-12-07T00:00:00Z on node1: --load /base\n"
+    killed = ("".join(log_line(i, 4, 5.0 - i, 10, 20) + "\n" for i in (1, 2, 3)) + "saved /ckpt/iter_0000002\n"
+              "[W] Signal 9 (SIGKILL) received by PID 123\n=== attempt ended 2026-12-07T00:01:00Z: exit status -9\n")
+    resumed = "loaded /ckpt: resuming after iteration 2, 4 samples consumed\n" + log_line(3, 4, 1.5, 7, 9) + "\n"
+    logs = {
+        "p0_r0.5": started + killed + started + resumed + log_line(4, 4, 1.25, 5, 6) + "\n"
+                   "=== attempt ended 2026-12-07T00:02:00Z: exit status 0\n",
+        "p0_r1": started + killed + started + resumed,
+        "p1_r0.5": started + log_line(1, 4, 4.0, 10, 20) + "\nstopping after iteration 1: exit-interval\n"
+                   "=== attempt ended 2026-12-07T00:01:00Z: exit status 0\n",
+    }  # p1_r1: not started
+    for name, text in logs.items():
+        (runs[name] / "train.log").write_text(text)
+    (runs["p1_r0.5"] / "checkpoints").mkdir()
+    (runs["p1_r0.5"] / "checkpoints" / "latest_checkpointed_iteration.txt").write_text("1\n")
+    rows = {row["run"]: row for row in collect(sweep).rows}
+    assert [row["status"] for row in rows.values()] == ["finished", "running", "stopped", "not started"]
+    finished = rows["p0_r0.5"]
+    assert finished["iteration"] == 4 and finished["attempts"] == 2 and finished["train_lm_loss"] == 1.25
+    assert finished["tokens_seen"] == 2 * (10 + 20) + (7 + 9) + (5 + 6)  # iteration 3 of the resumed attempt, not the killed one
+    assert rows["p0_r1"]["detail"].startswith("iteration 3 of 4; no exit recorded")
+    assert rows["p1_r0.5"]["detail"] == "after iteration 1 of 4 (exit-interval, exit status 0); run.sh resumes it from iteration 1"
+    (runs["p0_r1"] / "train.log").write_text(started + killed)
+    assert collect(sweep).rows[1]["status"] == "failed"
+    assert collect(sweep).rows[1]["detail"] == "exit status -9: Signal 9 (SIGKILL) received by PID 123"
+
+
+def test_the_sweep_started_again_runs_only_what_did_not_finish(sweep):
+    """sweep.sh again, with the failed run's cause removed: the finished runs are not run again, the
+    failed one runs from the start (it had no save) and its history replaces the failed attempt's."""
+    (sweep["dir"] / "runs" / FAILING / "checkpoints").unlink()
+    again = subprocess.run(["bash", str(sweep["dir"] / "sweep.sh")], capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert again.stdout.count(": finished; not run again") == 3
+    assert cli.main(["collect", str(sweep["dir"])]) == 0
+    rows = {row["run"]: row for row in json.loads((sweep["dir"] / "results.json").read_text())["runs"]}
+    rerun = rows[FAILING]
+    assert rerun["status"] == "finished" and rerun["attempts"] == 2 and rerun["iteration"] == 2 and rerun["saved_iteration"] == 2
+    assert [row["attempts"] for name, row in rows.items() if name != FAILING] == [1, 1, 1]
+    assert rerun["tokens_seen"] == rows["p0.1_r0.5"]["tokens_seen"]  # the same data, counted once
