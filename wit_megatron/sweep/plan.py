@@ -135,8 +135,10 @@ class Sweep:
             raise SweepError(f"{directory}: no {SWEEP_FILE}; is it a directory written by `wit-sweep plan`?")
         try:
             data = json.loads(path.read_text())
-            if data.pop("format") != FORMAT_VERSION:
-                raise SweepError(f"{path}: written by another wit-megatron version (format {data.get('format')})")
+            version = data.pop("format", None)
+            if version != FORMAT_VERSION:
+                raise SweepError(f"{path}: written by another wit-megatron version (format {version}, this one reads "
+                                 f"{FORMAT_VERSION})")
             data["runs"] = [RunSpec(**run) for run in data["runs"]]
             data["skipped"] = [tuple(point) for point in data["skipped"]]
             return cls(directory=Path(directory).resolve(), **data)
