@@ -9,11 +9,6 @@ PYTHON=${PYTHON:-python3.11}
 VENV=${VENV:-.venv}
 MCORE=${MCORE:-0.16.1}
 
-# The test of wit-inspect's HTML page renders it in a real headless browser: Debian's chromium package.
-if ! command -v chromium >/dev/null; then
-  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
-  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium
-fi
 if [ ! -x "$VENV/bin/python" ]; then
   "$PYTHON" -m venv "$VENV"
 fi
