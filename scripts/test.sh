@@ -5,5 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
+# The test of wit-inspect's HTML page renders it in a real headless browser: Debian's chromium package.
+if ! command -v chromium >/dev/null; then
+  SUDO=$([ "$(id -u)" = 0 ] || echo sudo)
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium
+fi
 VENV=${VENV:-.venv}
 exec "$VENV/bin/python" -m pytest -q "$@"

@@ -148,8 +148,16 @@ class WITDataset(MegatronDataset):
 
     def __getitem__(self, idx: Optional[int]) -> dict[str, torch.Tensor]:
         """Sample `idx`; None gives an all-padding sample (Megatron's batch padding)."""
+        return self.assemble(self.records_of(idx))
+
+    def records_of(self, idx: Optional[int]) -> np.ndarray:
+        """The records (ids in the low-level dataset) of sample `idx`, in their order in the sequence."""
+        return self._no_records if idx is None else self.sample_records[self.sample_offsets[idx] : self.sample_offsets[idx + 1]]
+
+    def assemble(self, records: np.ndarray) -> dict[str, torch.Tensor]:
+        """The sample holding `records` in this order (each kept as load-time truncation keeps it)."""
         s = self.seq_length
-        records = self._no_records if idx is None else self.sample_records[self.sample_offsets[idx] : self.sample_offsets[idx + 1]]
+        records = np.asarray(records, dtype=self.sample_records.dtype)  # one compiled assembly per dtype
         sample = {
             "tokens": np.empty(s, dtype=np.int64),
             "labels": np.empty(s, dtype=np.int64),
