@@ -12,6 +12,10 @@ Checks (each prints PASS/FAIL with its numbers; exit status 1 if any fails):
  4. Conversion with Transformer Engine's parameter naming: an HF checkpoint converted to Megatron loads
     into the TE-spec GPTModel with no missing or unexpected keys and gives transformers' logits (fp32);
     that model saved as training saves it exports to HF bit-identical to the original weights.
+ 5. Megatron-LM's own pretrain() (megatron-core 0.17+, whose wheel ships megatron.training) runs
+    examples/megatron_lm/pretrain_gpt_wit.py with Transformer Engine's layer spec, packed records through
+    THD attention (the part of that example CPU tests cannot run): its iteration-1 `lm loss` equals
+    examples/pretrain_wit.py's with the local spec (per-record masks) on the same weights and data (fp32).
 Sequence parallelism needs tp >= 2 and context parallelism cp >= 2, i.e. at least two GPUs: with one
 GPU the script says so and does not pretend to have checked them.
 """
@@ -140,6 +144,9 @@ def main():
     # 4. Conversion through the TE spec's parameter names (the local spec on a CPU dry run).
     check_conversion(specs[-1])
 
+    # 5. Megatron-LM's pretrain() with the TE spec and THD packing (the local spec on a CPU dry run).
+    check_megatron_lm_pretrain(specs[-1])
+
     print("NOTE  sequence parallelism (tp >= 2) and context parallelism (cp >= 2) need 2+ GPUs: not checked here", flush=True)
     print(f"{len(FAILURES)} failed" if FAILURES else "all checks passed", flush=True)
     sys.exit(1 if FAILURES else 0)
@@ -171,6 +178,58 @@ def check_conversion(kind: str) -> None:
         same = sorted(before) == sorted(after) and all(
             before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]) for k in before)
         report(f"{kind}-spec model saved by training -> HF", same, f"{len(after)} tensors, bit-identical: {same}")
+
+
+def check_megatron_lm_pretrain(kind: str) -> None:
+    import re
+    import subprocess
+    import tempfile
+
+    import numpy as np
+
+    from wit_megatron.convert.hf_to_mcore import convert_hf_to_megatron
+    from wit_megatron.data.indexed import WITIndexedWriter
+    from wit_megatron.runtime import compat
+
+    if not compat.ships_megatron_training():
+        print("NOTE  this megatron-core has no megatron.training (0.16): Megatron-LM's pretrain() not checked", flush=True)
+        return
+    root = Path(__file__).resolve().parents[2]
+    hf = root / "tests/data/convert/tiny-llama-hf"  # vocabulary 100, 64 positions
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        convert_hf_to_megatron(hf, tmp / "megatron", progress=False)
+        writer = WITIndexedWriter(str(tmp / "data" / "records"), 100)  # 48 records of 6-30 tokens: several per sequence
+        rng = np.random.default_rng(0)
+        for length in rng.integers(6, 31, size=48):
+            prompt = int(rng.integers(2, length - 1))
+            writer.add(rng.integers(3, 100, size=length), np.array([0] * prompt + [1] * (length - prompt), dtype=np.uint8))
+        writer.finalize({"added_bos_token_id": None, "records": 48})
+        same = ["--load", str(tmp / "megatron"), "--data-path", str(tmp / "data" / "records"), "--split", "100,0,0",
+                "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "1", "--lr", "0",
+                "--log-interval", "1", "--num-workers", "0", "--data-cache-path", str(tmp / "cache"),
+                "--lambda-prompt", "0.2", "--lambda-response", "0.8"]
+        on_cpu = [] if torch.cuda.is_available() else ["--distributed-backend", "gloo", "--no-masked-softmax-fusion",
+                                                      "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
+                                                      "--no-gradient-accumulation-fusion", "--no-persist-layer-norm"]
+        megatron_lm = (tmp / "megatron" / "megatron_lm_flags.txt").read_text().split() + same + [
+            "--finetune", "--calculate-per-token-loss", "--tokenizer-type", "NullTokenizer", "--vocab-size", "100",
+            "--transformer-impl", "transformer_engine" if kind == "te" else "local", "--attention-dropout", "0",
+            "--hidden-dropout", "0", "--eval-interval", "1000", "--eval-iters", "0", *on_cpu]
+        losses = {}
+        for name, script, argv in (("Megatron-LM pretrain()", "examples/megatron_lm/pretrain_gpt_wit.py", megatron_lm),
+                                   ("pretrain_wit.py", "examples/pretrain_wit.py", same + ["--layer-spec", "local", "--fp32"])):
+            run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                                  str(root / script), *argv], cwd=root, capture_output=True, text=True, timeout=600)
+            found = re.search(r"iteration +1/ +1 \|.*?\| lm loss: (\S+) \|", run.stdout)
+            if run.returncode or not found:
+                report(f"{name} runs", False, f"exit {run.returncode}: {(run.stdout + run.stderr)[-2000:]}")
+                return
+            losses[name] = float(found.group(1))
+        (mlm, wit) = losses.values()
+        rel = abs(mlm - wit) / wit
+        report(f"Megatron-LM pretrain() with the {kind} spec, packed, vs pretrain_wit.py with per-record masks", rel <= 1e-5,
+               f"iteration-1 lm loss {mlm:.6e} vs {wit:.6e} (rel {rel:.1e})")
 
 
 def _te_importable() -> bool:
