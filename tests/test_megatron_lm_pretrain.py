@@ -36,9 +36,11 @@ pytestmark = pytest.mark.skipif(not compat.ships_megatron_training(),
 
 EXAMPLE = ROOT / "examples/megatron_lm/pretrain_gpt_wit.py"
 KEYS = ("lm loss", "prompt nll", "response nll")
-# Megatron-LM's defaults that differ from examples/pretrain_wit.py's are set to the same values for both.
+# Megatron-LM's defaults that differ from examples/pretrain_wit.py's are set to the same values for both;
+# clipping at 0.5 acts at every iteration here (grad norms 0.6-0.9), so later losses depend on the norm too.
 SAME_RUN = ["--split", "100,0,0", "--seq-length", "256", "--micro-batch-size", "2", "--global-batch-size", "8",
             "--train-iters", "4", "--lr", "1e-3", "--lr-decay-style", "cosine", "--lr-warmup-iters", "1", "--weight-decay", "0.1",
+            "--clip-grad", "0.5",
             "--lambda-prompt", "0.2", "--lambda-response", "0.8", "--num-workers", "0"]
 # Megatron-LM on CPU: the local layer spec, gloo, no fused CUDA kernels; no dropout (pretrain_wit.py has none).
 MEGATRON_LM_CPU = ["--transformer-impl", "local", "--distributed-backend", "gloo", "--no-masked-softmax-fusion",
@@ -59,7 +61,7 @@ def tensorboard_scalars(directory) -> dict[str, dict[int, float]]:
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(directory)).Reload()
-    return {key: {e.step: e.value for e in events.Scalars(key)} for key in KEYS}
+    return {key: {e.step: e.value for e in events.Scalars(key)} for key in (*KEYS, "grad-norm")}
 
 
 @pytest.fixture(scope="module")
@@ -98,6 +100,9 @@ def test_pretrain_logs_pretrain_wits_loss_and_transformers_loss_at_iteration_one
     for key in KEYS:
         megatron_lm = [{**first[key], **resumed[key]}[i] for i in (1, 2, 3, 4)]
         assert megatron_lm == pytest.approx([line[key] for line in wit_log], rel=1e-6), key
+    # The norm both clip by (at 1.0): every tensor-parallel shard counted once.
+    grad_norms = [{**first["grad-norm"], **resumed["grad-norm"]}[i] for i in (1, 2, 3, 4)]
+    assert grad_norms == pytest.approx([line["grad-norm"] for line in wit_log], rel=1e-5)
 
     train, _ = datasets_of(runs["wit_argv"], world_size=4)
     samples = [train[i] for i in range(8)]
