@@ -62,14 +62,16 @@ def datasets_of(argv: list[str], world_size: int):
     return build_datasets(loop._data_config(args), args.train_iters * gbs if args.train_iters else None, None, True)
 
 
-def hf_reference(hf_dir: Path, samples: list[dict]) -> dict:
+def hf_reference(hf_dir: Path, samples: list[dict], grad_norm: bool = False) -> dict:
     """The paper's terms from transformers' logits (float64 log-softmax), record by record: a packed
-    sample's records each run alone at their own positions. Returns loss and count per report key."""
+    sample's records each run alone at their own positions. Returns loss and count per report key, and
+    with `grad_norm` the norm of the gradient of Σ w·NLL / N (a tied embedding counted once)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     sums = {"lm loss": [0.0, 0], "prompt nll": [0.0, 0], "response nll": [0.0, 0]}
-    with torch.no_grad():
+    weighted = []
+    with torch.set_grad_enabled(grad_norm):
         for sample in samples:
             docs = sample.get("document_ids")
             segments = [torch.arange(len(sample["tokens"]))] if docs is None else \
@@ -80,8 +82,13 @@ def hf_reference(hf_dir: Path, samples: list[dict]) -> dict:
                 mask = sample["loss_mask"][idx].bool()
                 weight = sample["loss_weights"][idx].double() * mask
                 response = sample["response_mask"][idx] & mask
+                weighted.append((weight * nll).sum())
                 for key, sel, term in (("lm loss", weight != 0, weight * nll), ("prompt nll", mask & ~response, nll),
                                        ("response nll", response, nll)):
                     sums[key][0] += float(term[sel].sum())
                     sums[key][1] += int(sel.sum())
-    return {key: {"loss": s / n, "count": n} for key, (s, n) in sums.items()}
+    out = {key: {"loss": s / n, "count": n} for key, (s, n) in sums.items()}
+    if grad_norm:
+        (sum(weighted) / sums["lm loss"][1]).backward()
+        out["grad norm"] = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)))
+    return out
