@@ -5,8 +5,9 @@ tiny Llama with SmolLM2's vocabulary and HumanEval preprocessed with SmolLM2's t
 
 Proven here:
 - the `lm loss` (and prompt / response NLL) pretrain() logs per iteration equals examples/pretrain_wit.py's
-  on the same checkpoint, data, seed and layout to 1e-6 relative, and iteration 1 equals transformers'
-  forward on the same samples with the paper's formula to 1e-5;
+  on the same checkpoint, data, seed and layout to 1e-6 relative (the grad norm to 1e-5), and iteration 1
+  equals transformers' forward on the same samples with the paper's formula to 1e-5 (the grad norm of
+  Σ w·NLL / N to 1e-4);
 - `--finetune` from the converted checkpoint, a `--save-interval` save, a stop (`--exit-interval`) and a
   resume from that save that continues with the uninterrupted run's losses;
 - the save converts to HF (wit-convert-megatron-to-hf) and wit-verify-conversion passes on it;
@@ -107,9 +108,10 @@ def test_pretrain_logs_pretrain_wits_loss_and_transformers_loss_at_iteration_one
     train, _ = datasets_of(runs["wit_argv"], world_size=4)
     samples = [train[i] for i in range(8)]
     assert max(int(s["document_ids"].max()) for s in samples) >= 1  # packed: several records per sequence
-    reference = hf_reference(training_data["tiny_hf"], samples)
+    reference = hf_reference(training_data["tiny_hf"], samples, grad_norm=True)
     for key in KEYS:
         assert first[key][1] == pytest.approx(reference[key]["loss"], rel=1e-5), key
+    assert first["grad-norm"][1] == pytest.approx(reference["grad norm"], rel=1e-4)
 
 
 def test_finetune_save_stop_and_resume(runs):
