@@ -15,8 +15,9 @@ the --data-path that wit-preprocess-data wrote) and WIT's forward step (the loss
 Megatron-LM's arguments (the converter's megatron_lm_flags.txt). `carry_record` puts the converter's
 record into --save so the run's saves convert back with wit-convert-megatron-to-hf.
 
-Runs with the `megatron.training` that megatron-core's wheel ships (0.17 on; the config-container
-`pretrain()` of 0.19) or a Megatron-LM source tree of that version on PYTHONPATH.
+Written for Megatron-LM 0.19's layout (`parse_and_validate_args`, then the config-container `pretrain()`),
+as the `megatron.training` in megatron-core 0.19's wheel or a Megatron-LM 0.19 source tree on PYTHONPATH
+has it; tested with megatron-core 0.19.2 (docs/megatron_lm.md has the older layout's lines).
 """
 
 import sys
