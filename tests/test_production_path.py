@@ -19,7 +19,7 @@ def test_the_training_entry_point_and_the_tools_import_no_test_helper_and_patch_
         "import wit_megatron.training.loop, wit_megatron.training.arguments, wit_megatron.convert.cli, "
         "wit_megatron.convert.hf_to_mcore, wit_megatron.convert.mcore_to_hf, wit_megatron.convert.verify, "
         "wit_megatron.data.preprocess, wit_megatron.data.loader, wit_megatron.checkpoint, wit_megatron.preview.cli, "
-        "wit_megatron.sweep.cli\n"
+        "wit_megatron.sweep.cli, wit_megatron.integrations.megatron_lm\n"
         "from wit_megatron.runtime import cpu\n"
         "import torch\n"
         "print(sorted(m for m in sys.modules if m.startswith('wit_megatron.testing')), cpu.is_active(),"

@@ -24,88 +24,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.convert_models import randomize
-from tests.test_data_preprocess import humaneval, write_jsonl
-from wit_megatron.data.preprocess import PreprocessConfig, run as preprocess
+from tests.training_data import convert, datasets_of, hf_reference
 from wit_megatron.runtime.launch import run_distributed
 from wit_megatron.testing import smollm2
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def convert(hf: Path, out: Path) -> Path:
-    run = subprocess.run([sys.executable, str(ROOT / "tools/convert_hf_to_megatron.py"), "--hf", str(hf), "--out", str(out),
-                          "--layer-spec", "local"], capture_output=True, text=True)
-    assert run.returncode == 0, run.stderr[-3000:]
-    return out
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict:
-    """HumanEval (167 records) and its first 24 records, preprocessed with SmolLM2's tokenizer; a tiny
-    random Llama with SmolLM2's vocabulary and tokenizer, as HF and converted."""
-    import transformers
-
-    tmp = tmp_path_factory.mktemp("training")
-    records = humaneval()
-    prefixes = {}
-    for name, subset in (("he", records), ("he24", records[:24])):
-        prefixes[name] = str(tmp / name / name)
-        preprocess(PreprocessConfig([write_jsonl(tmp / f"{name}.jsonl", subset)], prefixes[name], str(smollm2.tokenizer_dir()),
-                                    max_length=257, progress=False), tokenizer=smollm2.load_tokenizer())
-    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
-                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                                      tie_word_embeddings=True, rms_norm_eps=1e-5)
-    model = transformers.AutoModelForCausalLM.from_config(config)
-    randomize(model, seed=7)
-    tiny_hf = tmp / "tiny-hf"
-    model.save_pretrained(tiny_hf)
-    smollm2.load_tokenizer().save_pretrained(tiny_hf)
-    return {"tmp": tmp, **prefixes, "tiny_hf": tiny_hf, "tiny": convert(tiny_hf, tmp / "tiny-megatron")}
-
-
-def datasets_of(argv: list[str], world_size: int):
-    """The train and validation datasets a run with `argv` reads (built here, in this process, from the
-    same options: the index caches are the run's)."""
-    from wit_megatron.data.loader import build_datasets
-    from wit_megatron.training import loop
-    from wit_megatron.training.arguments import parse_args
-
-    args = parse_args(argv, world_size=world_size)
-    gbs = args.global_batch_size
-    return build_datasets(loop._data_config(args), args.train_iters * gbs if args.train_iters else None, None, True)
-
-
-def hf_reference(hf_dir: Path, samples: list[dict], grad_norm: bool = False) -> dict:
-    """The paper's terms from transformers' logits (float64 log-softmax), record by record: a packed
-    sample's records each run alone at their own positions. Returns loss and count per report key, and
-    with `grad_norm` the norm of the gradient of Σ w·NLL / N (a tied embedding counted once)."""
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
-    sums = {"lm loss": [0.0, 0], "prompt nll": [0.0, 0], "response nll": [0.0, 0]}
-    weighted = []
-    with torch.set_grad_enabled(grad_norm):
-        for sample in samples:
-            docs = sample.get("document_ids")
-            segments = [torch.arange(len(sample["tokens"]))] if docs is None else \
-                [torch.nonzero(docs == d).flatten() for d in docs.unique() if d >= 0]
-            for idx in segments:
-                logits = model(input_ids=sample["tokens"][idx][None], position_ids=sample["position_ids"][idx][None]).logits[0]
-                nll = torch.nn.functional.cross_entropy(logits.double(), sample["labels"][idx], reduction="none")
-                mask = sample["loss_mask"][idx].bool()
-                weight = sample["loss_weights"][idx].double() * mask
-                response = sample["response_mask"][idx] & mask
-                weighted.append((weight * nll).sum())
-                for key, sel, term in (("lm loss", weight != 0, weight * nll), ("prompt nll", mask & ~response, nll),
-                                       ("response nll", response, nll)):
-                    sums[key][0] += float(term[sel].detach().sum())
-                    sums[key][1] += int(sel.sum())
-    out = {key: {"loss": s / n, "count": n} for key, (s, n) in sums.items()}
-    if grad_norm:
-        (sum(weighted) / sums["lm loss"][1]).backward()
-        out["grad norm"] = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)))
-    return out
 
 
 def logged(result: dict, key: str = "lm loss") -> list[float]:
@@ -121,12 +44,12 @@ def last_stage(results: list[dict], job: int) -> dict:
 
 
 @pytest.fixture(scope="module")
-def smollm2_runs(data):
-    checkpoint = convert(smollm2.smollm2_dir(), data["tmp"] / "smollm2-megatron")
-    argv = ["--load", str(checkpoint), "--data-path", data["he"], "--split", "90,10,0", "--seq-length", "256", "--no-packing",
-            "--micro-batch-size", "1", "--global-batch-size", "6", "--train-iters", "1", "--lr", "0", "--eval-iters", "3",
+def smollm2_runs(training_data):
+    checkpoint = convert(smollm2.smollm2_dir(), training_data["tmp"] / "smollm2-megatron")
+    argv = ["--load", str(checkpoint), "--data-path", training_data["he"], "--split", "90,10,0", "--seq-length", "256",
+            "--no-packing", "--micro-batch-size", "1", "--global-batch-size", "6", "--train-iters", "1", "--lr", "0", "--eval-iters", "3",
             "--eval-interval", "1", "--log-interval", "1", "--lambda-prompt", "0.2", "--lambda-response", "0.8",
-            "--data-cache-path", str(data["tmp"] / "cache")]
+            "--data-cache-path", str(training_data["tmp"] / "cache")]
     jobs = [{"argv": argv}, {"argv": argv + ["--tp", "3", "--pp", "2"]}]
     return argv, run_distributed("tests.scenarios.training:runs", 6, timeout_s=1200, jobs=jobs)
 
@@ -155,13 +78,13 @@ def test_iteration_one_and_validation_equal_transformers_on_smollm2(smollm2_runs
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(data):
-    tmp = data["tmp"]
+def tiny_runs(training_data):
+    tmp = training_data["tmp"]
     common = ["--seq-length", "128", "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "1e-3",
               "--log-interval", "1", "--data-cache-path", str(tmp / "cache"), "--lambda-prompt", "0.2", "--lambda-response", "0.8"]
-    a = common + ["--data-path", data["he"], "--train-iters", "6", "--seq-length", "256"]  # packed, plain optimizer
-    b = common + ["--data-path", data["he24"], "--no-packing", "--use-distributed-optimizer", "--train-epochs", "2"]
-    load_tiny = ["--load", str(data["tiny"])]
+    a = common + ["--data-path", training_data["he"], "--train-iters", "6", "--seq-length", "256"]  # packed, plain optimizer
+    b = common + ["--data-path", training_data["he24"], "--no-packing", "--use-distributed-optimizer", "--train-epochs", "2"]
+    load_tiny = ["--load", str(training_data["tiny"])]
     save_a, save_b = tmp / "run-a", tmp / "run-b"
     jobs = [
         {"argv": load_tiny + a + ["--tp", "2", "--pp", "2", "--vpp", "2"], "params": True},  # 0: A uninterrupted
@@ -175,8 +98,8 @@ def tiny_runs(data):
         {"argv": ["--load", str(save_a)] + a + ["--tp", "2", "--pp", "2"]},  # 7: A resumed at tp2pp2 without VPP
         {"argv": ["--load", str(save_a)] + a},  # 8: A resumed at dp4: the same data order
         {"argv": ["--load", str(save_b / "iter_0000002")] + b + ["--pp", "2"]},  # 9: B from iteration 2 at tp1pp2 dp2
-        {"argv": load_tiny + common + ["--data-path", data["he24"], "--no-packing", "--train-epochs", "10", "--lr", "3e-3",
-                                       "--lr-warmup-iters", "0", "--log-interval", "1"]},  # 10: overfit 24 records, dp4
+        {"argv": load_tiny + common + ["--data-path", training_data["he24"], "--no-packing", "--train-epochs", "10",
+                                       "--lr", "3e-3", "--lr-warmup-iters", "0", "--log-interval", "1"]},  # 10: overfit, dp4
         {"argv": ["--train-iters", "5", "--global-batch-size", "4", "--seq-length", "32", "--exit-duration-in-mins", "1e-9"]},
         {"argv": load_tiny + a + ["--tp", "2", "--use-distributed-optimizer", "--overlap-grad-reduce",
                                   "--overlap-param-gather"]},  # 12: A from the start, overlapped communication
@@ -191,9 +114,9 @@ def tiny_runs(data):
             "a": a, "jobs": jobs}
 
 
-def test_iteration_one_of_a_tiny_model_at_tp2pp2_with_vpp_equals_transformers(data, tiny_runs):
+def test_iteration_one_of_a_tiny_model_at_tp2pp2_with_vpp_equals_transformers(training_data, tiny_runs):
     train, _ = datasets_of(tiny_runs["argv_a"], world_size=4)
-    reference = hf_reference(data["tiny_hf"], [train[i] for i in range(8)], grad_norm=True)
+    reference = hf_reference(training_data["tiny_hf"], [train[i] for i in range(8)], grad_norm=True)
     assert max(int(train[i]["document_ids"].max()) for i in range(8)) >= 1  # packed: several records per sample
     first = last_stage(tiny_runs["results"], 0)["train_log"][0]
     assert first["lm loss tokens"] == reference["lm loss"]["count"]
@@ -227,7 +150,7 @@ def test_a_run_stopped_and_resumed_is_bitwise_the_uninterrupted_run(tiny_runs):
     _assert_same_params(results, 3, 5)
 
 
-def test_every_epoch_sees_every_record_once(data, tiny_runs):
+def test_every_epoch_sees_every_record_once(training_data, tiny_runs):
     """B's 2 epochs: 48 samples = the 24 records twice, in two different orders."""
     argv = tiny_runs["jobs"][3]["argv"]
     train, _ = datasets_of(argv, world_size=4)
@@ -278,10 +201,10 @@ def test_mixed_precision_as_megatron_does_it(tiny_runs):
     assert all(math.isfinite(line["lm loss"]) for line in fp16)
 
 
-def test_the_final_save_exports_to_hf_with_the_trained_logits(data, tiny_runs):
+def test_the_final_save_exports_to_hf_with_the_trained_logits(training_data, tiny_runs):
     from transformers import AutoModelForCausalLM
 
-    exported = data["tmp"] / "b-hf"
+    exported = training_data["tmp"] / "b-hf"
     assert (exported / "tokenizer.json").exists() and (exported / "config.json").exists()
     tokens = tiny_runs["jobs"][5]["logits_of"]
     megatron = next(rank[5]["logits"] for rank in tiny_runs["results"] if rank[5]["logits"] is not None)
@@ -306,13 +229,13 @@ def test_exit_duration_stops_after_the_first_iteration(tiny_runs):
 
 
 @pytest.fixture(scope="module")
-def gemma_run(data):
+def gemma_run(training_data):
     """A tiny random Gemma-2 with SmolLM2's vocabulary (a real Gemma tokenizer is not available offline),
     windows of 32 tokens inside packed HumanEval records of ~100-200, caps that bite; converted, then
     fine-tuned by pretrain_wit.py at tp2pp2 for 3 iterations, saved and exported to HF."""
     import transformers
 
-    tmp = data["tmp"] / "gemma"
+    tmp = training_data["tmp"] / "gemma"
     config = transformers.Gemma2Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
                                        num_attention_heads=4, num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24,
                                        max_position_embeddings=512, sliding_window=32, attn_logit_softcapping=5.0,
@@ -322,9 +245,9 @@ def gemma_run(data):
     hf = tmp / "hf"
     model.save_pretrained(hf)
     smollm2.load_tokenizer().save_pretrained(hf)
-    argv = ["--load", str(convert(hf, tmp / "megatron")), "--data-path", data["he"], "--seq-length", "256",
+    argv = ["--load", str(convert(hf, tmp / "megatron")), "--data-path", training_data["he"], "--seq-length", "256",
             "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "3", "--lr", "1e-3", "--log-interval", "1",
-            "--lambda-prompt", "0.2", "--lambda-response", "0.8", "--data-cache-path", str(data["tmp"] / "cache"),
+            "--lambda-prompt", "0.2", "--lambda-response", "0.8", "--data-cache-path", str(training_data["tmp"] / "cache"),
             "--tp", "2", "--pp", "2"]
     saves = ["--save", str(tmp / "trained"), "--save-hf", str(tmp / "trained-hf")]
     tokens = torch.tensor([[1, 504, 2909, 28, 7, 9, 5500, 11, 42, 17, 3, 990] * 4])  # 48 tokens: past the window
@@ -382,7 +305,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_two_torchrun_agents_as_two_nodes_give_the_single_launch_losses(data, tiny_runs, tmp_path):
+def test_two_torchrun_agents_as_two_nodes_give_the_single_launch_losses(training_data, tiny_runs, tmp_path):
     """`--nnodes 2` with a c10d rendezvous on this machine, 2 processes per agent, resuming run A at tp2 dp2
     and at tp2pp2: the losses of the same layouts launched as one 4-rank job, bitwise; TensorBoard holds
     the logged values."""
@@ -441,17 +364,17 @@ def test_bad_options_are_refused_before_any_process_group(argv, world, message, 
     assert not torch.distributed.is_initialized()
 
 
-def test_checkpoint_and_data_options_are_checked_against_the_files(data, tmp_path, capsys):
+def test_checkpoint_and_data_options_are_checked_against_the_files(training_data, tmp_path, capsys):
     from wit_megatron.training.arguments import parse_args
 
+    tiny, he, he24 = str(training_data["tiny"]), training_data["he"], training_data["he24"]
     cases = [
         (["--load", str(tmp_path)], "not a Megatron checkpoint"),
-        (["--load", str(data["tiny"]), "--data-path", str(tmp_path / "none")], "is not a dataset written by wit-preprocess-data"),
-        (["--load", str(data["tiny"]), "--data-path", data["he"], "--num-layers", "2"], "the architecture comes from --load"),
-        (["--load", str(data["tiny"])], "--load of a converted model needs --data-path"),
-        (["--load", str(data["tiny"]), "--data-path", "1", data["he"], "2", data["he24"], "--train-epochs", "1"],
-         "a weighted blend defines a sampling mix"),
-        (["--load", str(data["tiny"]), "--data-path", data["he"], "--tp", "3"], "valid sizes"),
+        (["--load", tiny, "--data-path", str(tmp_path / "none")], "is not a dataset written by wit-preprocess-data"),
+        (["--load", tiny, "--data-path", he, "--num-layers", "2"], "the architecture comes from --load"),
+        (["--load", tiny], "--load of a converted model needs --data-path"),
+        (["--load", tiny, "--data-path", "1", he, "2", he24, "--train-epochs", "1"], "a weighted blend defines a sampling mix"),
+        (["--load", tiny, "--data-path", he, "--tp", "3"], "valid sizes"),
     ]
     for argv, message in cases:
         with pytest.raises(SystemExit) as exit_info:

@@ -21,9 +21,9 @@ arguments ask for such a factor, a second line gives the logits of the same buil
 passed (the one argument Megatron-LM's builder lacks), which tells a wrong checkpoint or flags file
 apart from that Megatron-LM defect. The exit status is the first line's (Megatron-LM as it is).
 
-What Megatron-LM needs on CPU besides this project's CPU layer, each patched here and nowhere else:
-its model-parallel groups and model-parallel RNG seed are set up only `if torch.cuda.device_count()
-> 0` (training/initialize.py), and it compiles the C++ dataset helpers (not needed to load weights).
+Megatron-LM runs on CPU through this project's CPU layer (`cpu.enable_megatron_lm`: its model-parallel
+groups and RNG seeds, which it sets up only where it sees a CUDA device); the C++ dataset helpers it
+compiles at start-up are not needed to load weights and are not built here.
 """
 
 import os
@@ -47,26 +47,14 @@ TOLERANCE = 1e-4
 
 def initialize(extra: list[str], ckpt: str) -> None:
     import megatron.training.initialize as init
-    from megatron.core import parallel_state as mpu
-    from megatron.core import tensor_parallel
-    from megatron.training import arguments, get_args
+    from megatron.training import arguments
 
     sys.argv = ["pretrain_gpt.py", "--load", ckpt, "--seq-length", str(SEQ), *FIXED_ARGS, *extra]
-    original = init._initialize_distributed
-
-    def initialize_distributed(*args, **kwargs):
-        original(*args, **kwargs)
-        if not mpu.model_parallel_is_initialized():  # skipped by Megatron-LM without CUDA devices
-            a = get_args()
-            mpu.initialize_model_parallel(a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
-                                          a.virtual_pipeline_model_parallel_size)
-
-    init._initialize_distributed = initialize_distributed
+    cpu.enable_megatron_lm()
     init._compile_dependencies = lambda: None
     if hasattr(arguments, "parse_and_validate_args"):  # Megatron-LM 0.19: pretrain_gpt.py parses first
         arguments.parse_and_validate_args(args_defaults={"tokenizer_type": "GPT2BPETokenizer"})
     init.initialize_megatron(allow_no_cuda=True)
-    tensor_parallel.model_parallel_cuda_manual_seed(get_args().seed)  # also skipped without CUDA devices
 
 
 def local_model_provider(pre_process=True, post_process=True, vp_stage=None, config=None, pg_collection=None,
@@ -148,7 +136,6 @@ def main() -> None:
     for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29533", "RANK": "0", "WORLD_SIZE": "1",
                        "LOCAL_RANK": "0"}.items():
         os.environ.setdefault(key, value)
-    cpu.enable()
     initialize(extra, ckpt)
 
     from megatron.training import get_args

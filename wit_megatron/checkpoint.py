@@ -45,6 +45,10 @@ TRACKER = "latest_checkpointed_iteration.txt"
 CONTENT_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True,
                     "singleton_local_shards": False}
 RECORD = "wit_megatron.json"
+# Sharded entries of a training save that are not model weights: the optimizer, the RNG states, the
+# rerun state machine's state (Megatron-LM's own saves), and where megatron-core 0.17+ keeps the
+# common state inside the files.
+NOT_MODEL_STATE = ("optimizer.", "rng_state", "rerun_state_machine_state", "common_state")
 ASSETS = "hf_assets"
 RECORD_FORMAT = 1
 
@@ -193,6 +197,31 @@ def write_layout(root: Path, iteration: Optional[int], record: dict, assets: Opt
     replace_file(root / TRACKER, "release" if iteration is None else str(iteration))
 
 
+def carry_record(source: Path, root: Path) -> bool:
+    """Give the checkpoint root `root` the record, Megatron-LM flags and HF assets of the checkpoint at
+    `source`, for saves written there by Megatron-LM's own training loop (which writes none of them)
+    from a model this project converted. Returns whether `root` has a record now: False when `source`
+    has none. A root that has one already is left as it is (a resumed run). The record is written last,
+    so an interrupted copy is not taken for a complete one and is redone by the next call."""
+    root = Path(root)
+    if (root / RECORD).exists():
+        return True
+    try:
+        ck = open_checkpoint(Path(source))
+    except CheckpointError:
+        return False
+    root.mkdir(parents=True, exist_ok=True)
+    if ck.assets is not None:
+        staging = root / f".{ASSETS}.tmp{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        shutil.copytree(ck.assets, staging)
+        shutil.rmtree(root / ASSETS, ignore_errors=True)
+        os.rename(staging, root / ASSETS)
+    replace_file(root / FLAGS_FILE, " ".join(megatron_lm_flags(ck.arch)) + "\n")
+    replace_file(root / RECORD, json.dumps(ck.record, indent=2) + "\n")
+    return True
+
+
 # ---- training saves ------------------------------------------------------------------------------
 
 
@@ -327,9 +356,7 @@ def _load(directory: Path, request: dict) -> tuple[dict, set, set]:
     state, not_requested, absent = dist_checkpointing.load(request, str(directory), strict=StrictHandling.RETURN_ALL)
     # megatron-core's names are the other way round: its "unexpected" keys are requested but absent
     # from the checkpoint, its "missing" keys are in the checkpoint but requested by no rank.
-    # Optimizer and RNG entries of a training save are not model keys; "common_state": where
-    # megatron-core 0.17+ keeps the common state inside the files.
-    model_keys = {k for k in not_requested if not k.startswith(("optimizer.", "rng_state")) and k != "common_state"}
+    model_keys = {k for k in not_requested if not k.startswith(NOT_MODEL_STATE)}
     return state, set(absent), model_keys
 
 

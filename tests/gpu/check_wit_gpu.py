@@ -37,9 +37,14 @@ with (1 + w), post-norms):
  8. The chunked output layer through the training step (forward_backward, the production spec, packed
     records: THD with Transformer Engine), bf16: loss and gradients no further from the float32 unfused
     run than the bf16 unfused run is.
+ 9. Megatron-LM's own pretrain() (megatron-core 0.17+, whose wheel ships megatron.training) runs
+    examples/megatron_lm/pretrain_gpt_wit.py with Transformer Engine's layer spec, packed records through
+    THD attention (the part of that example CPU tests cannot run), in bf16 (TE has no fp32 THD attention):
+    its iteration-1 `lm loss` is within bf16 rounding of examples/pretrain_wit.py's with the local spec
+    (per-record masks) on the same weights and data (fp32 and equal to 1e-5 on a CPU dry run).
 Where CUDA is present, Transformer Engine must import: a failing import is a FAIL with its error, not
 a skipped check. Sequence parallelism (tp >= 2) and check 5 need at least two GPUs: with one GPU the
-script says so and does not pretend to have checked them. `--cpu-dry-run` runs checks 1, 2, 4 to 8
+script says so and does not pretend to have checked them. `--cpu-dry-run` runs checks 1, 2, 4 to 9
 with the local spec (5 with the all-gather CP attention on two gloo ranks, 7 at a small size).
 """
 
@@ -112,7 +117,7 @@ def max_rel_grad_error(a: dict, b: dict) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-dry-run", action="store_true", help="run the non-TE parts on CPU (to test this script)")
-    parser.add_argument("--smollm2", type=Path, help="SmolLM2-135M-Instruct as an HF directory, for check 6")
+    parser.add_argument("--smollm2", type=Path, help="SmolLM2-135M-Instruct as an HF directory, for check 6 (throughput)")
     parser.add_argument("--cp-ranks", metavar="OUT", help=argparse.SUPPRESS)  # one rank of check 5, under torchrun
     args = parser.parse_args()
     if not torch.cuda.is_available() and not args.cpu_dry_run:
@@ -145,6 +150,8 @@ def main():
     # 7, 8. The chunked output layer, alone at Llama-3's size and through the training step.
     check_output_layer(small=not torch.cuda.is_available())
     check_chunked_training_step(specs[-1])
+    # 9. Megatron-LM's pretrain() with the TE spec and THD packing (the local spec on a CPU dry run).
+    check_megatron_lm_pretrain(specs[-1])
 
     print("NOTE  sequence parallelism (tp >= 2) is not checked by this script", flush=True)
     print(f"{len(FAILURES)} failed" if FAILURES else "all checks passed", flush=True)
@@ -386,6 +393,64 @@ def _fused_linear_cross_entropy():
     """megatron-core's fused linear cross entropy where this version has it and this GPU runs it, else None."""
     if not torch.cuda.is_available():
         return None
+
+
+def check_megatron_lm_pretrain(kind: str) -> None:
+    import re
+    import subprocess
+    import tempfile
+
+    import numpy as np
+
+    from wit_megatron.convert.hf_to_mcore import convert_hf_to_megatron
+    from wit_megatron.data.indexed import WITIndexedWriter
+    from wit_megatron.runtime import compat
+
+    if not compat.ships_megatron_training():
+        print("NOTE  this megatron-core has no megatron.training (0.16): Megatron-LM's pretrain() not checked", flush=True)
+        return
+    root = Path(__file__).resolve().parents[2]
+    hf = root / "tests/data/convert/tiny-llama-hf"  # vocabulary 100, 64 positions
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        convert_hf_to_megatron(hf, tmp / "megatron", progress=False)
+        writer = WITIndexedWriter(str(tmp / "data" / "records"), 100)  # 48 records of 6-30 tokens: several per sequence
+        rng = np.random.default_rng(0)
+        for length in rng.integers(6, 31, size=48):
+            prompt = int(rng.integers(2, length - 1))
+            writer.add(rng.integers(3, 100, size=length), np.array([0] * prompt + [1] * (length - prompt), dtype=np.uint8))
+        writer.finalize({"added_bos_token_id": None, "records": 48})
+        same = ["--load", str(tmp / "megatron"), "--data-path", str(tmp / "data" / "records"), "--split", "100,0,0",
+                "--seq-length", "64", "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "1", "--lr", "0",
+                "--log-interval", "1", "--num-workers", "0", "--data-cache-path", str(tmp / "cache"),
+                "--lambda-prompt", "0.2", "--lambda-response", "0.8"]
+        on_cpu = [] if torch.cuda.is_available() else ["--distributed-backend", "gloo", "--no-masked-softmax-fusion",
+                                                      "--no-bias-swiglu-fusion", "--no-bias-dropout-fusion", "--no-rope-fusion",
+                                                      "--no-gradient-accumulation-fusion", "--no-persist-layer-norm"]
+        # TE's THD attention runs only in its flash and cuDNN backends, which take bf16/fp16, not fp32.
+        precision, tolerance = (["--bf16"], 2e-2) if kind == "te" else ([], 1e-5)
+        same += precision
+        megatron_lm = (tmp / "megatron" / "megatron_lm_flags.txt").read_text().split() + same + [
+            "--finetune", "--calculate-per-token-loss", "--tokenizer-type", "NullTokenizer", "--vocab-size", "100",
+            "--transformer-impl", "transformer_engine" if kind == "te" else "local", "--attention-dropout", "0",
+            "--hidden-dropout", "0", "--eval-interval", "1000", "--eval-iters", "0", *on_cpu]
+        losses = {}
+        for name, script, argv in (("Megatron-LM pretrain()", "examples/megatron_lm/pretrain_gpt_wit.py", megatron_lm),
+                                   ("pretrain_wit.py", "examples/pretrain_wit.py", same + ["--layer-spec", "local"] + (precision or ["--fp32"]))):
+            run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "1",
+                                  str(root / script), *argv], cwd=root, capture_output=True, text=True, timeout=600)
+            found = re.search(r"iteration +1/ +1 \|.*?\| lm loss: (\S+) \|", run.stdout)
+            if run.returncode or not found:
+                report(f"{name} runs", False, f"exit {run.returncode}: {(run.stdout + run.stderr)[-2000:]}")
+                return
+            losses[name] = float(found.group(1))
+        (mlm, wit) = losses.values()
+        rel = abs(mlm - wit) / wit
+        report(f"Megatron-LM pretrain() with the {kind} spec, packed, vs pretrain_wit.py with per-record masks", rel <= tolerance,
+               f"iteration-1 lm loss {mlm:.6e} vs {wit:.6e} (rel {rel:.1e})")
+
+
+def _te_importable() -> bool:
     try:
         from megatron.core.fusions.fused_linear_cross_entropy import linear_cross_entropy
     except ImportError:

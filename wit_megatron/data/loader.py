@@ -59,6 +59,13 @@ def parse_blend(values: Optional[Sequence[str]], option: str = "--data-path") ->
         blend = get_blend_from_list(list(values))
     except AssertionError:
         raise ValueError(f"{option} {' '.join(values)}: give prefixes, or weight-prefix pairs ('0.7 A 0.3 B'), not a mix") from None
+    check_blend(blend, option)
+    return blend
+
+
+def check_blend(blend: Blend, option: str = "--data-path") -> None:
+    """Refuse (ValueError naming `option`) a blend whose prefixes are not datasets written by
+    wit-preprocess-data or whose weights are negative, non-finite or all 0."""
     prefixes, weights = blend
     for prefix in prefixes:
         missing = [path for path in dataset_files(prefix) if not Path(path).is_file()]
@@ -66,7 +73,6 @@ def parse_blend(values: Optional[Sequence[str]], option: str = "--data-path") ->
             raise ValueError(f"{option}: {prefix} is not a dataset written by wit-preprocess-data (missing {', '.join(missing)})")
     if weights is not None and (any(not math.isfinite(w) or w < 0 for w in weights) or sum(weights) <= 0):
         raise ValueError(f"{option}: blend weights must be finite, >= 0 and not all 0, got {weights}")
-    return blend
 
 
 def build_datasets(config: DataConfig, train_samples: Optional[int], valid_samples: Optional[int],

@@ -13,12 +13,14 @@ What is patched, and why (facts in the project notes, measured on megatron-core 
   ``pin_memory=True`` (host staging for a GPU copy; RoPE's context-parallel positions). The same mode
   answers ``Tensor.type()`` with the CUDA type name (``torch.cuda.FloatTensor``), because megatron's
   optimizers and gradient clipping use that string as a dtype check and assert on it.
-- ``torch.cuda.synchronize()`` / stream calls in p2p communication, checkpointing and DDP (0.19): no-ops.
+- ``torch.cuda.synchronize()`` / stream calls in p2p communication, checkpointing and DDP (0.19), and the
+  streams Megatron-LM's model set-up creates (0.19): no-ops.
 """
 
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 from torch.overrides import TorchFunctionMode
@@ -51,7 +53,11 @@ class _CudaToCpuMode(TorchFunctionMode):
 
 
 class _NullStream:
-    """Stands in for a CUDA stream: every ordering call is already satisfied on the CPU."""
+    """Stands in for a CUDA stream (and for the class itself, which code also names in annotations):
+    every ordering call is already satisfied on the CPU."""
+
+    def __init__(self, *args, **kwargs):
+        pass
 
     def wait_stream(self, _stream):
         return None
@@ -121,6 +127,8 @@ def enable() -> bool:
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_stream = lambda *a, **k: _NullStream()
     torch.cuda.default_stream = lambda *a, **k: _NullStream()
+    torch.cuda.Stream = _NullStream
+    torch.cuda.stream = lambda *a, **k: contextlib.nullcontext()
     # Checkpoint savers record the CUDA RNG state next to the CPU one.
     torch.cuda.get_rng_state = lambda *a, **k: torch.get_rng_state()
     torch.cuda.set_rng_state = lambda *a, **k: None
@@ -134,4 +142,73 @@ def enable() -> bool:
 
     _CudaToCpuMode().__enter__()  # stays on for the life of the process
     _ENABLED = True
+    return True
+
+
+@contextlib.contextmanager
+def _one_device_visible():
+    """Within: `torch.cuda.device_count()` is 1 (and `set_device` a no-op) for set-up code that gates
+    CPU-capable work on seeing a CUDA device."""
+    count, set_device = torch.cuda.device_count, torch.cuda.set_device
+    torch.cuda.device_count, torch.cuda.set_device = (lambda: 1), (lambda *a, **k: None)
+    try:
+        yield
+    finally:
+        torch.cuda.device_count, torch.cuda.set_device = count, set_device
+
+
+def enable_megatron_lm() -> bool:
+    """The CPU layer (`enable`) plus what Megatron-LM's own `megatron.training.pretrain()` needs on CPU;
+    nothing when a CUDA device is present. Returns True when active. Call at process start-up, before
+    `pretrain()`.
+
+    - its argument check asks the GPU's architecture (`get_device_arch_version`) when TP > 1: the CPU
+      answers 0 (no CUDA architecture), and `CUDA_DEVICE_MAX_CONNECTIONS=1`, which Megatron-LM then
+      requires of TP launches, is set (it means nothing without GPUs);
+    - `initialize_megatron` (called by `pretrain()`) asserts CUDA unless told `allow_no_cuda`, and sets
+      up its model-parallel groups and model-parallel RNG seeds only when `torch.cuda.device_count() > 0`:
+      pretrain() calls it with `allow_no_cuda`, and those two set-up steps (`_initialize_distributed`,
+      `_set_random_seed`) run as on one visible device, after torch.distributed is started over gloo
+      (NCCL, Megatron-LM's default backend, needs GPUs);
+    - `pretrain()` warms up Megatron's fused kernels (`set_jit_fusion_options`) by compiling them with
+      torch.compile, a GPU start-up measure that costs about a minute of inductor compilation per rank
+      on CPU, for kernels a CPU run with the fusions switched off (`--no-bias-swiglu-fusion`,
+      `--no-bias-dropout-fusion`) never calls: skipped.
+    """
+    if not enable():
+        return False
+    from megatron.training import arguments, initialize, training
+
+    if getattr(initialize, "_wit_cpu", False):
+        return True
+    initialize_megatron = training.initialize_megatron
+
+    def initialize_without_cuda(*args, **kwargs):
+        return initialize_megatron(*args, **dict(kwargs, allow_no_cuda=True))
+
+    initialize_distributed, set_random_seed = initialize._initialize_distributed, initialize._set_random_seed
+
+    def initialize_distributed_over_gloo(*args, **kwargs):
+        if not torch.distributed.is_initialized():
+            from datetime import timedelta
+
+            from megatron.training import get_args
+
+            a = get_args()
+            torch.distributed.init_process_group("gloo", rank=a.rank, world_size=a.world_size,
+                                                 timeout=timedelta(minutes=a.distributed_timeout_minutes))
+        with _one_device_visible():
+            return initialize_distributed(*args, **kwargs)
+
+    def set_random_seed_on_cpu(*args, **kwargs):
+        with _one_device_visible():
+            return set_random_seed(*args, **kwargs)
+
+    arguments.get_device_arch_version = lambda: 0
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+    training.initialize_megatron = initialize_without_cuda
+    training.set_jit_fusion_options = lambda *args, **kwargs: None
+    initialize._initialize_distributed = initialize_distributed_over_gloo
+    initialize._set_random_seed = set_random_seed_on_cpu
+    initialize._wit_cpu = True
     return True

@@ -24,6 +24,25 @@ LAMBDA_HELP = ("WIT's per-token loss weights. Loss = Σ w·NLL / N over the glob
                "the paper found λ_p 0-0.5 with λ_r 0.5-1 best")
 
 
+def add_wit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """WIT's own options (λ per role, packing), the same in this entry point and in a Megatron-LM launch
+    (wit_megatron.integrations.megatron_lm.add_wit_args)."""
+    g = parser.add_argument_group("WIT")
+    g.add_argument("--lambda-prompt", type=float, default=0.2, help="λ_p: weight of prompt tokens. " + LAMBDA_HELP)
+    g.add_argument("--lambda-response", type=float, default=0.8, help="λ_r: weight of response tokens")
+    for role in ("system", "user", "tool"):
+        g.add_argument(f"--lambda-{role}", type=float, default=None,
+                       help=f"weight of {role} tokens where the data labels them (chat data); default: λ_p")
+    g.add_argument("--no-packing", action="store_true",
+                   help="one record per sequence (the paper's setting) instead of packing several with per-record attention")
+    return parser
+
+
+def role_weights(args: argparse.Namespace) -> RoleWeights:
+    """λ per role from `add_wit_arguments`' options (refuses λ < 0, non-finite, all zero: ValueError)."""
+    return RoleWeights(args.lambda_prompt, args.lambda_response, args.lambda_system, args.lambda_user, args.lambda_tool)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="pretrain_wit.py",
@@ -33,12 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
         allow_abbrev=False,
     )
-    g = p.add_argument_group("WIT")
-    g.add_argument("--lambda-prompt", type=float, default=0.2, help="λ_p: weight of prompt tokens. " + LAMBDA_HELP)
-    g.add_argument("--lambda-response", type=float, default=0.8, help="λ_r: weight of response tokens")
-    for role in ("system", "user", "tool"):
-        g.add_argument(f"--lambda-{role}", type=float, default=None,
-                       help=f"weight of {role} tokens where the data labels them (chat data); default: λ_p")
+    add_wit_arguments(p)
+    g = p.add_argument_group("WIT output layer (this entry point; see docs/output-loss.md for a Megatron-LM launch)")
     g.add_argument("--wit-loss-impl", choices=LOSS_IMPLS, default="unfused",
                    help="the last stage's output layer and cross entropy. unfused: megatron-core's (logits of every "
                    "position); chunked: only targets of non-zero weight, --wit-loss-chunk-size tokens at a time, logits "
@@ -134,8 +149,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--valid-data-path", nargs="+", default=None, help="the validation split's blend")
     g.add_argument("--split", default="100,0,0",
                    help="train,valid,test proportions of --data-path's records (the paper trains on all of them)")
-    g.add_argument("--no-packing", action="store_true",
-                   help="one record per sequence (the paper's setting) instead of packing several with per-record attention")
     g.add_argument("--num-workers", type=int, default=2, help="data loader worker processes per data-reading rank")
     g.add_argument("--data-cache-path", default=None, help="where dataset indices are cached (default: next to the data)")
     g.add_argument("--seed", type=int, default=1234)
@@ -216,8 +229,7 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
                              "--lr-decay-iters, else --train-iters)")
     if args.min_lr > args.lr:
         raise ValueError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
-    args.role_weights = RoleWeights(args.lambda_prompt, args.lambda_response, args.lambda_system, args.lambda_user,
-                                    args.lambda_tool)  # refuses λ < 0, non-finite, all zero
+    args.role_weights = role_weights(args)
 
     # Model: from the checkpoint record, or the tiny random model.
     tiny = {name: getattr(args, name) for name in ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads",
