@@ -24,6 +24,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.convert_models import randomize
 from tests.training_data import convert, datasets_of, hf_reference
 from wit_megatron.runtime.launch import run_distributed
 from wit_megatron.testing import smollm2
