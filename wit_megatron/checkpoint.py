@@ -217,7 +217,7 @@ def carry_record(source: Path, root: Path) -> bool:
         shutil.copytree(ck.assets, staging)
         shutil.rmtree(root / ASSETS, ignore_errors=True)
         os.rename(staging, root / ASSETS)
-    replace_file(root / FLAGS_FILE, " ".join(megatron_lm_flags(ck.arch)) + "\n")
+    replace_file(root / FLAGS_FILE, flags_file_text(ck.arch))
     replace_file(root / RECORD, json.dumps(ck.record, indent=2) + "\n")
     return True
 

@@ -130,12 +130,6 @@ def megatron_lm_saves_results_in_process() -> None:
     checkpointing.save_checkpoint = training.save_checkpoint = save_checkpoint
 
 
-def ships_megatron_training() -> bool:
-    """Whether this megatron-core's wheel ships Megatron-LM's `megatron.training` (pretrain(), its argument
-    parser, checkpointing, training loop): from 0.17 on; 0.16's wheel has megatron.core only."""
-    return megatron_core_version() >= (0, 17)
-
-
 def use_prebuilt_dataset_helpers() -> None:
     """Let Megatron-LM's `initialize_megatron` use megatron-core's prebuilt C++ dataset helpers.
 
