@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -37,16 +38,24 @@ def run_distributed(target: str, world_size: int, timeout_s: float = 900, **kwar
         torch.save(kwargs, workdir / "kwargs.pt")
         cmd = [sys.executable, "-m", "wit_megatron.runtime.launch", target, str(world_size), tmp]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # Its own process group, so that a timeout (or Ctrl-C here) kills the forked ranks too, not only the launcher.
+        proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                start_new_session=True)
         try:
-            proc = subprocess.run(cmd, env=env, timeout=timeout_s, capture_output=True, text=True)
-        except subprocess.TimeoutExpired as e:
-            raise DistributedFailure(f"{target} on {world_size} ranks timed out after {timeout_s}s\n{e.stdout}\n{e.stderr}")
+            out, err = proc.communicate(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            out, err = proc.communicate()
+            raise DistributedFailure(f"{target} on {world_size} ranks timed out after {timeout_s}s\n{out}\n{err}")
+        except BaseException:
+            os.killpg(proc.pid, signal.SIGKILL)
+            raise
         errors = sorted(workdir.glob("rank*.err"))
         if proc.returncode != 0 or errors:
             detail = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in errors)
             raise DistributedFailure(
                 f"{target} on {world_size} ranks failed (exit {proc.returncode})\n{detail}\n"
-                f"--- output (tail)\n{(proc.stdout + proc.stderr)[-6000:]}"
+                f"--- output (tail)\n{(out + err)[-6000:]}"
             )
         return [torch.load(workdir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
 
