@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from datetime import timedelta
@@ -62,7 +63,17 @@ def init_model_parallel(layout: ParallelLayout, seed: int = 1234) -> None:
     from megatron.core import parallel_state, tensor_parallel
 
     if parallel_state.model_parallel_is_initialized():
+        # megatron-core forgets its groups but does not destroy them: each gloo group keeps its threads
+        # (a launch switching layouts a dozen times held ~1900 threads per rank). Destroy the groups this
+        # rank is in (megatron-core's list of them; None stands for the default group).
+        groups = [group for group in parallel_state._global_process_group_list or [] if group is not None]
         parallel_state.destroy_model_parallel()
+        live = torch.distributed.distributed_c10d._world.pg_map  # destroy_model_parallel destroys a few itself
+        for group in groups:
+            if group in live:
+                torch.distributed.destroy_process_group(group)
+        del groups
+        gc.collect()  # a group's threads end when its last reference (models of the old layout, in cycles) goes
     layout.data_parallel_size(torch.distributed.get_world_size())  # validates divisibility
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=layout.tp,
