@@ -4,6 +4,11 @@ the Hugging Face model's; exit status 1 beyond 1e-4. docs/convert.md records the
 
     python tools/convert_check_megatron_lm.py MEGATRON_LM_DIR|installed HF_DIR CKPT [Megatron-LM arguments ...]
 
+With `--save DIR --save-interval 1 --no-save-optim` among the Megatron-LM arguments, the loaded model is
+then saved by Megatron-LM's own `save_checkpoint` (iteration 1: `args`, RNG and rerun state as
+Megatron-LM writes them), which tests/test_convert_megatron_lm.py holds to this project's checks for
+untrusted checkpoints (wit_megatron/safe_pickle.py).
+
 MEGATRON_LM_DIR: a Megatron-LM source tree matching the installed megatron-core (its
 `megatron/training`, `model_provider.py` and `gpt_builders.py` are used; megatron-core stays the
 installed one). Megatron-LM also imports `six` and `triton`: a directory holding them can be given
@@ -93,7 +98,7 @@ def main() -> None:
     initialize(extra, ckpt)
 
     from megatron.training import get_args
-    from megatron.training.checkpointing import load_checkpoint
+    from megatron.training.checkpointing import load_checkpoint, save_checkpoint
     from megatron.training.training import get_model
 
     from wit_megatron.convert.verify import hf_logits
@@ -117,6 +122,9 @@ def main() -> None:
     print(f"Megatron-LM load_checkpoint: iteration {iteration}, padded vocab {get_args().padded_vocab_size}, "
           f"max |logit - HF logit| {diff:.3e}, top-1 agreement "
           f"{(logits.argmax(-1) == reference.argmax(-1)).float().mean().item():.3f}")
+    if get_args().save:
+        save_checkpoint(1, model, None, None, num_floating_point_operations_so_far=0)
+        print(f"Megatron-LM save_checkpoint: {get_args().save}")
     sys.exit(0 if diff <= TOLERANCE else 1)
 
 
