@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from wit_megatron import interrupt
+
 
 class DistributedFailure(AssertionError):
     """A rank raised, crashed or timed out; the message holds every failing rank's traceback."""
@@ -38,7 +40,8 @@ def run_distributed(target: str, world_size: int, timeout_s: float = 900, **kwar
         cmd = [sys.executable, "-m", "wit_megatron.runtime.launch", target, str(world_size), tmp]
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         try:
-            proc = subprocess.run(cmd, env=env, timeout=timeout_s, capture_output=True, text=True)
+            proc = subprocess.run(cmd, env=env, timeout=timeout_s, capture_output=True, text=True,
+                                  preexec_fn=interrupt.child_dies_with_this_process())
         except subprocess.TimeoutExpired as e:
             raise DistributedFailure(f"{target} on {world_size} ranks timed out after {timeout_s}s\n{e.stdout}\n{e.stderr}")
         errors = sorted(workdir.glob("rank*.err"))
@@ -81,7 +84,10 @@ def _main(target: str, world_size: int, workdir: Path) -> int:
 
     torch.set_num_threads(1)
     from wit_megatron.runtime import cpu
+    from wit_megatron.runtime.kernels import quiet_fallback_warnings
 
+    quiet_fallback_warnings()
+    interrupt.die_with_parent()  # no rank outlives the launcher
     cpu.enable()
     module_name, fn_name = target.split(":")
     fn = getattr(importlib.import_module(module_name), fn_name)
