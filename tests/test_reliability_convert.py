@@ -102,6 +102,10 @@ TABLE = {
                                "{staging}: not a complete Hugging Face model: .hf.wit-staging-0a1b2c3d-4242-1700000000-x "
                                "is the hidden staging directory of a write that has not finished (or was interrupted)"),
                           "staging"),
+    "h2m_pickled_weights": (Case(H2M, "an HF model whose weights are a pickle (pytorch_model.bin with a payload)",
+                                 ("--hf", "{hf}", "--out", "{ws}/new"), 2,
+                                 "{hf}: no safetensors weights (found: config.json, generation_config.json, "
+                                 "pytorch_model.bin)", AS_BEFORE + "; the payload did not run"), "pickled_weights"),
     "h2m_no_config": (Case(H2M, "--hf without config.json", ("--hf", "{ws}", "--out", "{ws}/new"), 2,
                            "{ws}: no config.json (is this a Hugging Face model directory?)"), None),
 
@@ -179,6 +183,9 @@ def test_refused_with_a_message_and_nothing_changed(tmp_path, name):
         shutil.copytree(HF, paths["staging"])
         shutil.copytree(CHECKPOINT / "release", paths["staging"] / "release")
         (paths["staging"] / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    elif prepare == "pickled_weights":  # weights as torch.save writes them: only safetensors are read
+        (paths["hf"] / "model.safetensors").unlink()
+        torch.save({"model.embed_tokens.weight": Payload(marker)}, paths["hf"] / "pytorch_model.bin")
     elif prepare is not None:
         prepare(paths["ckpt"], marker)
     check(case, paths, tmp_path, TOOLS[case.tool])
