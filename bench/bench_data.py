@@ -108,7 +108,8 @@ def preprocessing_rows(records: list[dict], workers: list[int], repeats: int) ->
         data.write_text("".join(json.dumps(r) + "\n" for r in records))
 
         def end_to_end(n):
-            config = PreprocessConfig([str(data)], f"{tmp}/out{n}", str(smollm2.tokenizer_dir()), workers=n, chunk_size=batch, progress=False)
+            config = PreprocessConfig([str(data)], f"{tmp}/out{n}", str(smollm2.tokenizer_dir()), workers=n, chunk_size=batch, progress=False,
+                                      force=True)  # each repeat replaces the last one's dataset
             return lambda: run(config, tokenizer=tokenizer)
 
         fns = {

@@ -20,11 +20,13 @@ import sys
 import torch
 
 from wit_megatron.checkpoint import CheckpointError
+from wit_megatron.runtime.kernels import quiet_fallback_warnings
 from wit_megatron.training.arguments import parse_args
 from wit_megatron.training.loop import RunError, pretrain
 
 
 def main() -> int:
+    quiet_fallback_warnings()  # megatron-core's "not installed" notes; the log says which kernels run instead
     args = parse_args()  # every check that needs no process group; exit 2 with a message on bad options
     try:
         result = pretrain(args)

@@ -24,7 +24,7 @@ rm -rf "$OUT/trained" "$OUT/smollm2-wit-hf"  # this demo's own outputs of an ear
 HF=$("$BIN/python" -W ignore -c 'from wit_megatron.testing.smollm2 import smollm2_dir; print(smollm2_dir())')
 echo "SmolLM2-135M-Instruct (HF): $HF"
 "$BIN/wit-preprocess-data" --input "$OUT/humaneval.jsonl" --output-prefix "$OUT/data/humaneval" \
-    --tokenizer "$HF" --max-length 257 --no-progress
+    --tokenizer "$HF" --max-length 257 --no-progress --force
 "$BIN/wit-convert-hf-to-megatron" --hf "$HF" --out "$OUT/smollm2-megatron" --force
 
 TRAIN=("$BIN/torchrun" --nproc-per-node 2 examples/pretrain_wit.py --tp 1 --pp 2

@@ -491,13 +491,16 @@ def test_export_failure_leaves_nothing_and_force_replaces_only_when_complete(tmp
     assert written == ["config.json", "generation_config.json", "model.safetensors", "model.safetensors.index.json"]
     assert list(tmp_path.iterdir()) == []
 
-    out.mkdir()
-    (out / "keep").write_text("old")
+    monkeypatch.undo()
+    convert_megatron_to_hf(CHECKPOINT, out, progress=False)  # an earlier export, which --force may replace
+    (out / "README.md").write_text("old")  # the user's note next to it: replaced along with it
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    monkeypatch.setattr(mcore_to_hf, "_write_configs", fail_after_configs)
     written.clear()
     with pytest.raises(OSError, match="disk full"):
         convert_megatron_to_hf(CHECKPOINT, out, force=True, progress=False)
-    assert written and [p.name for p in tmp_path.iterdir()] == ["out"]  # no .out.tmp-* or .out.old-* left
-    assert [p.name for p in out.iterdir()] == ["keep"] and (out / "keep").read_text() == "old"
+    assert written and [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or moved-aside directory left
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
     monkeypatch.undo()
     assert cli_module.megatron_to_hf(["--megatron", str(CHECKPOINT), "--out", str(out), "--force"]) == 0
@@ -507,8 +510,8 @@ def test_export_failure_leaves_nothing_and_force_replaces_only_when_complete(tmp
 
 def test_force_puts_the_old_output_back_if_the_new_one_cannot_take_its_place(tmp_path, monkeypatch):
     """The old output is moved aside before the new one is renamed into place; that rename failing
-    left it stranded in .out.old-*."""
-    from wit_megatron.convert import output
+    left it stranded in the moved-aside directory."""
+    from wit_megatron import output
 
     out = tmp_path / "out"
     out.mkdir()
@@ -516,15 +519,15 @@ def test_force_puts_the_old_output_back_if_the_new_one_cannot_take_its_place(tmp
     real_rename = output.os.rename
 
     def rename(src, dst):
-        if Path(dst) == out and Path(src).name.startswith(".out.tmp-"):
+        if Path(dst) == out and ".out.wit-staging-" in Path(src).name:
             raise OSError("rename failed")
         real_rename(src, dst)
 
     monkeypatch.setattr(output.os, "rename", rename)
     with pytest.raises(OSError, match="rename failed"):
-        with output.atomic_output_dir(out, force=True) as tmp:
+        with output.atomic_output_dir(out, True, [], output.OutputKind("test output", lambda path: True)) as tmp:
             (tmp / "new").write_text("new")
-    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no .out.tmp-* or .out.old-* left
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]  # no staging or moved-aside directory left
     assert [p.name for p in out.iterdir()] == ["keep"] and (out / "keep").read_text() == "old"
 
 
@@ -572,7 +575,8 @@ def test_cli_truncated_tensor_is_refused_and_force_replaces(tiny, tmp_path):
     assert failed.returncode == 2 and "is truncated" in failed.stderr, failed.stderr[-2000:]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]  # no output, no temporary directory
 
-    out.mkdir()
+    out.mkdir()  # stands for an earlier conversion (recognised by its record), with a file of the user's in it
+    shutil.copy(CHECKPOINT / "wit_megatron.json", out)
     (out / "stale").write_text("old")
     replaced = cli("convert_hf_to_megatron.py", "--hf", str(tiny), "--out", str(out), "--force")
     assert replaced.returncode == 0, replaced.stderr[-2000:]
@@ -593,12 +597,12 @@ def test_failure_in_the_checkpoint_write_leaves_nothing(tiny, tmp_path):
     for job, result in zip(jobs, results):
         assert result["error"] is not None and result["error"].startswith("disk full while writing "), result
         temporary = Path(result["error"].removeprefix("disk full while writing "))
-        assert temporary.parent == tmp_path and temporary.name.startswith(f".{Path(job['out']).name}.tmp-")
+        assert temporary.parent == tmp_path and temporary.name.startswith(f".{Path(job['out']).name}.wit-staging-")
         # The whole checkpoint was there: a converter writing straight into --out would have left it.
         assert {"latest_checkpointed_iteration.txt", "wit_megatron.json", "release/.metadata", "release/common.pt",
                 "release/metadata.json", "hf_assets/config.json"} <= set(result["written"]), result["written"]
         assert any(name.endswith(".distcp") for name in result["written"])
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # no "new", no .new.tmp-*, .old.tmp-*, .old.old-*
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old"]  # no "new", no staging or moved-aside directory
     assert {str(p.relative_to(old)): p.read_bytes() for p in old.rglob("*") if p.is_file()} == before
 
 

@@ -68,13 +68,23 @@ def convert(hf: Path, out: Path, notes: list | None = None) -> Path:
 # q/k norms with a head dim of its own; biases on every linear layer with MQA; QKV bias, tied.
 @pytest.mark.parametrize("case", ["qwen3_qk_norm", "llama_mqa_biases", "qwen2_qkv_bias_tied"])
 def test_megatron_lm_loads_with_the_written_flags(tmp_path, case):
+    """With the Qwen2 case, Megatron-LM also saves what it loaded (its own save_checkpoint): that save
+    passes this project's checks of untrusted checkpoints, i.e. everything Megatron-LM pickles is in
+    wit_megatron/safe_pickle.py's admission list (its args, RNG and rerun state)."""
+    from wit_megatron.checkpoint import check_files, resolve
+
     hf = build(case, tmp_path / "hf")
     notes = []
     ckpt = convert(hf, tmp_path / "megatron", notes)
     flags = (ckpt / FLAGS_FILE).read_text().split()
-    result = megatron_lm_load(hf, ckpt, *flags)
+    save = ["--save", str(tmp_path / "mlm"), "--save-interval", "1", "--no-save-optim"] if case == "qwen2_qkv_bias_tied" else []
+    result = megatron_lm_load(hf, ckpt, *flags, *save)
     assert result["diff"] <= 1e-4 and result["top1"] == 1.0 and result["returncode"] == 0 and not notes
     assert not result["use_rope_scaling"] and result["fixed_diff"] is None
+    if save:
+        root, directory = resolve(tmp_path / "mlm")
+        assert directory == tmp_path / "mlm/iter_0000001" and (directory / ".metadata").is_file()
+        check_files(directory)
 
 
 def test_rope_scaling_factor_reaches_megatron_lm_whose_builder_drops_it(tmp_path):

@@ -73,7 +73,8 @@ def preprocess(tmp_path: Path, tokenizer, template: str | None, records: list[di
         template_file = tmp_path / "template.jinja"
         template_file.write_text(template)
     prefix = str(tmp_path / "chat")
-    report = run(PreprocessConfig([str(data)], prefix, "in-memory", chat_template=template_file and str(template_file), progress=False), tokenizer=tokenizer)
+    report = run(PreprocessConfig([str(data)], prefix, "in-memory", chat_template=template_file and str(template_file), progress=False,
+                                  force=True), tokenizer=tokenizer)
     tokens, roles = IndexedDataset(prefix + "_tokens"), IndexedDataset(prefix + "_roles")
     return [(tokens[i].tolist(), roles[i].tolist()) for i in range(len(tokens))], report
 

@@ -266,7 +266,8 @@ def test_preprocessing_again_into_the_prefix_gets_a_new_index(tmp_path, meta):
     prefix = str(tmp_path / "data")
 
     def preprocess(chosen: list[dict]):
-        report = run(PreprocessConfig([write_jsonl(tmp_path / "in.jsonl", chosen)], prefix, str(smollm2.tokenizer_dir()), progress=False))
+        report = run(PreprocessConfig([write_jsonl(tmp_path / "in.jsonl", chosen)], prefix, str(smollm2.tokenizer_dir()), progress=False,
+                                      force=True))
         if meta == "without_uuid":
             path = Path(prefix + ".meta.json")
             path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "dataset_uuid"}))

@@ -120,7 +120,7 @@ def test_all_cases_in_one_file_are_each_counted(tmp_path, workers):
     if workers > 1:  # the first bad record stops a run without --on-error skip, worker parts removed
         with pytest.raises(PreprocessError, match=rf"^{path}:2: "):
             preprocess(PreprocessConfig([str(path)], str(tmp_path / "raised"), tok, workers=workers, chunk_size=3, progress=False))
-        assert not list(tmp_path.glob(".*parts-*"))
+        assert not list(tmp_path.glob(".*"))  # neither the staging directory nor the workers' parts in it
 
 
 def test_bad_files(tmp_path):
@@ -187,7 +187,8 @@ def test_a_failed_run_leaves_no_files_and_the_previous_dataset_intact(tmp_path):
     path, _ = write(tmp_path, "{oops", {})  # the first record is written before the second stops the run
     for workers in (1, 2):
         with pytest.raises(PreprocessError):
-            preprocess(PreprocessConfig([path], str(tmp_path / "out"), tok, workers=workers, chunk_size=1, progress=False))
+            preprocess(PreprocessConfig([path], str(tmp_path / "out"), tok, workers=workers, chunk_size=1, progress=False,
+                                        force=True))
         assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.name != "data.jsonl"} == files
     assert len(WITIndexedData(str(tmp_path / "out"))) == 1
 
@@ -244,7 +245,8 @@ def test_ignored_keys_are_counted(tmp_path):
     assert report.ignored_keys == {"id": 3, "source": 1, "conversations[].weight": 1}
     assert json.loads((tmp_path / "out.report.json").read_text())["ignored_keys"] == report.ignored_keys
     path.write_text(json.dumps(records[3]) + "\n")
-    report = preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), "in-memory", format="paper", progress=False))
+    report = preprocess(PreprocessConfig([str(path)], str(tmp_path / "out"), "in-memory", format="paper", progress=False,
+                                         force=True))
     assert (report.formats, report.ignored_keys) == ({"paper": 1}, {"messages": 1})
 
 

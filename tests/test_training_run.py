@@ -324,6 +324,9 @@ def test_two_torchrun_agents_as_two_nodes_give_the_single_launch_losses(training
         outputs = [agent.communicate(timeout=600)[0] for agent in agents]
         assert [agent.returncode for agent in agents] == [0, 0], "\n".join(o[-3000:] for o in outputs)
         assert "layer spec: local" in "".join(outputs)  # what the converter recorded (--layer-spec local)
+        # Which kernels run, said once, instead of megatron-core's import-time "not installed" warnings.
+        assert "kernels: torch's norms, Adam and multi-tensor ops" in "".join(outputs)
+        assert not re.search("(is|are) not installed", "".join(outputs)), outputs[0][-3000:]
         lines = [line for o in outputs for line in o.splitlines() if line.startswith(" iteration ")]
         assert all(MEGATRON_LM_LOG_LINE.match(line) for line in lines) and len(lines) == 3, lines
         losses = [float(x) for o in outputs for x in re.findall(r"\| lm loss: ([0-9.E+-]+) \|", o)]

@@ -4,6 +4,11 @@ the Hugging Face model's; exit status 1 beyond 1e-4. docs/convert.md records the
 
     python tools/convert_check_megatron_lm.py MEGATRON_LM_DIR|installed HF_DIR CKPT [Megatron-LM arguments ...]
 
+With `--save DIR --save-interval 1 --no-save-optim` among the Megatron-LM arguments, the loaded model is
+then saved by Megatron-LM's own `save_checkpoint` (iteration 1: `args`, RNG and rerun state as
+Megatron-LM writes them), which tests/test_convert_megatron_lm.py holds to this project's checks for
+untrusted checkpoints (wit_megatron/safe_pickle.py).
+
 MEGATRON_LM_DIR: a Megatron-LM source tree matching the installed megatron-core (its
 `megatron/training`, `model_provider.py` and `gpt_builders.py` are used; megatron-core stays the
 installed one). Megatron-LM also imports `six` and `triton`: a directory holding them can be given
@@ -139,7 +144,7 @@ def main() -> None:
     initialize(extra, ckpt)
 
     from megatron.training import get_args
-    from megatron.training.checkpointing import load_checkpoint
+    from megatron.training.checkpointing import load_checkpoint, save_checkpoint
 
     model = pretrain_gpt_model(mlm)
     iteration, _ = load_checkpoint(model, None, None)
@@ -155,6 +160,9 @@ def main() -> None:
         print(f"Megatron-LM's build with rope_scaling_factor {args.rope_scaling_factor} passed to GPTModel (pretrain_gpt.py "
               f"passes none: GPTModel keeps {GPT_MODEL_ROPE_SCALING_FACTOR}): max |logit - HF logit| {fixed_diff:.3e}, "
               f"top-1 agreement {fixed_top1:.3f}")
+    if args.save:
+        save_checkpoint(1, model, None, None, num_floating_point_operations_so_far=0)
+        print(f"Megatron-LM save_checkpoint: {args.save}")
     sys.exit(0 if diff <= TOLERANCE else 1)
 
 

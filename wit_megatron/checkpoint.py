@@ -18,6 +18,13 @@ The common state holds what Megatron-LM's `load_checkpoint` reads (`args`, `chec
 `iteration`) and the same record under "wit_megatron", so an iteration directory alone is enough.
 An iteration directory is written under a hidden name and renamed into place when complete; the
 tracker file follows, so an interrupted save is never taken for the latest one.
+
+Checkpoints may come from elsewhere: before anything reads an iteration directory, `check_files`
+checks every pickle in it against wit_megatron.safe_pickle's admission list (torch DCP and
+megatron-core would run whatever they name) and that every stored item lies within its file (a
+truncated or missing `.distcp` is named with the tensor it holds). A path inside a hidden staging
+directory is refused, and a root whose record exists without its tracker file (written last) is an
+interrupted write, not a checkpoint.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from wit_megatron import safe_pickle, staging
 from wit_megatron.megatron_lm_args import FLAGS_FILE, flags_file_text, megatron_lm_args
 from wit_megatron.model import GPTArch, transformer_config, unwrap
 from wit_megatron.runtime.parallel import ParallelLayout
@@ -63,8 +71,18 @@ def iteration_dir_name(iteration: Optional[int]) -> str:
 
 
 def resolve(path: Path) -> tuple[Path, Path]:
-    """(root, iteration directory) of a checkpoint given its root (tracker file) or an iteration dir."""
-    path = Path(path)
+    """(root, iteration directory) of a checkpoint given its root (tracker file) or an iteration dir,
+    its files checked (`check_files`)."""
+    root, directory = _locate(Path(path))
+    check_files(directory)
+    return root, directory
+
+
+def _locate(path: Path) -> tuple[Path, Path]:
+    try:
+        staging.refuse_staging(path, "checkpoint")
+    except staging.StagingError as e:
+        raise CheckpointError(str(e)) from None
     if (path / TRACKER).exists():
         tag = (path / TRACKER).read_text().strip()
         try:
@@ -76,10 +94,80 @@ def resolve(path: Path) -> tuple[Path, Path]:
             raise CheckpointError(f"{path / TRACKER} names {directory.name}, which does not exist")
         return path, directory
     if (path / "metadata.json").exists():
+        if (path.parent / RECORD).exists() and not (path.parent / TRACKER).exists():
+            raise CheckpointError(f"{path}: {path.parent} holds {RECORD} but no {TRACKER}, which is written last: an "
+                                  "interrupted conversion or first save, not a complete checkpoint")
         return path.parent, path
+    if (path / RECORD).exists():
+        raise CheckpointError(f"{path}: has {RECORD} but no {TRACKER}, which is written last: an interrupted conversion "
+                              "or first save, not a complete checkpoint")
     raise CheckpointError(
         f"{path}: not a Megatron checkpoint (no {TRACKER} and no metadata.json of a torch_dist checkpoint)"
     )
+
+
+def written_by_wit(path: Path) -> bool:
+    """Whether `path` is a checkpoint root this project wrote (a converted model or training saves):
+    what `--force` may replace."""
+    try:
+        record = json.loads((Path(path) / RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and isinstance(record.get("arch"), dict)
+
+
+_checked: dict[tuple, object] = {}  # (directory, its pickles' sizes and times) -> DCP metadata, per process
+
+
+def check_files(directory: Path):
+    """Check an iteration directory before anything reads it, and return its DCP metadata (unpickled
+    safely): every pickle (`.metadata`, the objects stored in the `.distcp` files, `common.pt`) may refer
+    only to what wit_megatron.safe_pickle admits, and every stored item must lie within its file."""
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata, Metadata
+
+    directory = Path(directory)
+    metadata_path = directory / ".metadata"
+    if not metadata_path.is_file():
+        raise CheckpointError(f"{directory}: no .metadata, the index of a torch_dist checkpoint's files: not a complete "
+                              "torch_dist checkpoint")
+    pickles = [metadata_path, *sorted(directory.rglob("*.pt"))]
+    key = (str(directory.resolve()), *((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in pickles))
+    if key in _checked:
+        return _checked[key]
+    metadata = _refused_as_invalid(metadata_path, lambda: safe_pickle.loads(metadata_path.read_bytes()))
+    if not isinstance(metadata, Metadata) or not isinstance(metadata.storage_data, dict):
+        raise CheckpointError(f"{metadata_path}: not a valid checkpoint: not torch DCP metadata")
+    sizes: dict[str, int] = {}
+    for index, info in metadata.storage_data.items():
+        file = directory / info.relative_path
+        what = f"{'object' if isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata) else 'tensor'} " \
+               f"{index.fqn}"
+        if Path(info.relative_path).is_absolute() or ".." in Path(info.relative_path).parts:
+            raise CheckpointError(f"{metadata_path}: not a valid checkpoint: {what} is stored outside the checkpoint "
+                                  f"({info.relative_path})")
+        if info.relative_path not in sizes:
+            if not file.is_file():
+                raise CheckpointError(f"{file} is missing: it holds {what} (and possibly more) of this checkpoint")
+            sizes[info.relative_path] = file.stat().st_size
+        if info.offset + info.length > sizes[info.relative_path]:
+            raise CheckpointError(f"{file} is truncated: it holds {sizes[info.relative_path]} bytes, {what} is stored at bytes "
+                                  f"{info.offset}..{info.offset + info.length}")
+        if what.startswith("object"):
+            with open(file, "rb") as f:
+                f.seek(info.offset)
+                data = f.read(info.length)
+            _refused_as_invalid(file, lambda: safe_pickle.check_torch_save(data), f"its {what}")
+    for path in pickles[1:]:  # common.pt (megatron-core 0.16's common state), legacy sharded objects
+        _refused_as_invalid(path, lambda: safe_pickle.check_torch_save(path.read_bytes()))
+    _checked[key] = metadata
+    return metadata
+
+
+def _refused_as_invalid(path: Path, check, what: str = "it"):
+    try:
+        return check()
+    except safe_pickle.RefusedPickle as e:
+        raise CheckpointError(f"{path}: not a valid checkpoint: {what} {e}") from None
 
 
 def read_record(root: Path, iteration_dir: Path) -> dict:
@@ -105,6 +193,7 @@ def load_common_state(iteration_dir: Path) -> dict:
     """The non-tensor state of a torch_dist checkpoint (args, iteration, record, train state, scheduler)."""
     from megatron.core import dist_checkpointing
 
+    check_files(iteration_dir)
     return dist_checkpointing.load_common_state_dict(str(iteration_dir))
 
 
@@ -351,6 +440,7 @@ def _load(directory: Path, request: dict) -> tuple[dict, set, set]:
     from megatron.core import dist_checkpointing
     from megatron.core.dist_checkpointing.validation import StrictHandling
 
+    check_files(directory)
     # One load for all chunks, as Megatron-LM does: the access check counts every layer of the
     # stacked tensors across all chunks and ranks.
     state, not_requested, absent = dist_checkpointing.load(request, str(directory), strict=StrictHandling.RETURN_ALL)

@@ -7,15 +7,23 @@ import json
 import sys
 from pathlib import Path
 
+from wit_megatron import interrupt
+from wit_megatron.argtypes import non_negative_float, positive_float, positive_int
 from wit_megatron.checkpoint import CheckpointError
 from wit_megatron.model import LayoutError
+from wit_megatron.output import OutputError
+from wit_megatron.runtime.kernels import quiet_fallback_warnings
 
 
-def _run(fn) -> int:
-    """fn(); a refused input prints its message and exits 2 (not a traceback)."""
+def _run(fn, out: Path = None) -> int:
+    """fn() as a tool runs: a refused input prints its message and exits 2 (not a traceback); SIGTERM
+    and SIGINT stop the writer processes, remove the staging of `out` and exit 128 + the signal."""
+    quiet_fallback_warnings()
+    interrupt.die_with_parent()
     try:
-        fn()
-    except (CheckpointError, LayoutError) as e:  # ConversionError is a CheckpointError
+        with interrupt.stop_on_signals(None if out is None else str(out)):
+            fn()
+    except (CheckpointError, LayoutError, OutputError) as e:  # ConversionError is a CheckpointError
         print(f"error: {e}", file=sys.stderr)
         return 2
     return 0
@@ -31,24 +39,25 @@ def hf_to_megatron(argv=None) -> int:
                         help="layer spec examples/pretrain_wit.py builds from this checkpoint (recorded): te = Transformer "
                         "Engine's where TE and a GPU are present, else local; local = always the local spec. The "
                         "checkpoint's keys are the same for both")
-    parser.add_argument("--vocab-multiple", type=int, metavar="N",
+    parser.add_argument("--vocab-multiple", type=positive_int, metavar="N",
                         help="pad the vocabulary to a multiple of N (and of every valid TP size), e.g. 128 for "
                         "GPU-friendly shapes. Default: only what every valid TP size needs, usually nothing. "
                         "Padded entries are not masked by Megatron-Core: their logits (0) enter every token's "
                         "softmax, so the training loss differs from the HF model's, and the rows get gradients")
-    parser.add_argument("--kv-replicas", type=int, default=1, metavar="R",
+    parser.add_argument("--kv-replicas", type=positive_int, default=1, metavar="R",
                         help="store each KV head R times (R must divide attention heads / KV heads), so that every "
                         "tensor-parallel size dividing KV heads x R (and the heads) is valid, e.g. above the KV heads or "
                         "with MQA. Exact: training with wit_megatron keeps the copies identical (their gradients are "
                         "summed), export takes one and refuses copies that differ. Default 1: no copies")
-    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing output directory, if it is a checkpoint this tool wrote (or empty)")
     parser.add_argument("--dry-run", action="store_true", help="print the tensor mapping and write nothing")
     args = parser.parse_args(argv)
     from wit_megatron.convert.hf_to_mcore import convert_hf_to_megatron
 
     return _run(lambda: convert_hf_to_megatron(args.hf, args.out, dtype=args.dtype, force=args.force,
                                                vocab_multiple=args.vocab_multiple, dry_run=args.dry_run,
-                                               layer_spec=args.layer_spec, kv_replicas=args.kv_replicas))
+                                               layer_spec=args.layer_spec, kv_replicas=args.kv_replicas), args.out)
 
 
 def megatron_to_hf(argv=None) -> int:
@@ -56,14 +65,15 @@ def megatron_to_hf(argv=None) -> int:
                                      "any layout) -> Hugging Face safetensors + config + tokenizer.")
     parser.add_argument("--megatron", required=True, type=Path, help="checkpoint root or iteration directory")
     parser.add_argument("--out", required=True, type=Path, help="output HF directory (refused if it exists)")
-    parser.add_argument("--max-shard-size-gb", type=float, default=2.0, help="safetensors shard size limit")
-    parser.add_argument("--force", action="store_true", help="replace an existing output directory")
+    parser.add_argument("--max-shard-size-gb", type=positive_float, default=2.0, help="safetensors shard size limit")
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing output directory, if it is an HF model this tool exported (or empty)")
     parser.add_argument("--dry-run", action="store_true", help="print the tensor mapping and write nothing")
     args = parser.parse_args(argv)
     from wit_megatron.convert.mcore_to_hf import convert_megatron_to_hf
 
     return _run(lambda: convert_megatron_to_hf(args.megatron, args.out, force=args.force, dry_run=args.dry_run,
-                                               max_shard_bytes=int(args.max_shard_size_gb * 1024**3)))
+                                               max_shard_bytes=int(args.max_shard_size_gb * 1024**3)), args.out)
 
 
 def verify(argv=None) -> int:
@@ -71,10 +81,10 @@ def verify(argv=None) -> int:
                                      "and compare logits; exit 1 beyond tolerance, 2 on refused input (e.g. an impossible layout).")
     parser.add_argument("--hf", required=True, type=Path)
     parser.add_argument("--megatron", required=True, type=Path)
-    parser.add_argument("--tp", type=int, default=1)
-    parser.add_argument("--pp", type=int, default=1)
-    parser.add_argument("--vpp", type=int, default=None)
-    parser.add_argument("--tolerance", type=float, default=1e-4, help="max |logit difference| allowed (fp32)")
+    parser.add_argument("--tp", type=positive_int, default=1)
+    parser.add_argument("--pp", type=positive_int, default=1)
+    parser.add_argument("--vpp", type=positive_int, default=None)
+    parser.add_argument("--tolerance", type=non_negative_float, default=1e-4, help="max |logit difference| allowed (fp32)")
     args = parser.parse_args(argv)
     from wit_megatron.convert.verify import run_verification
 

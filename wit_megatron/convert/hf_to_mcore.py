@@ -22,15 +22,15 @@ from typing import Iterator, Optional
 
 import torch
 
-from wit_megatron import checkpoint as ckpt
+from wit_megatron import checkpoint as ckpt, staging
 from wit_megatron.convert.families import Family, Rule, family_for, hf_shapes
 from wit_megatron.convert.hf_config import arch_from_hf_config
-from wit_megatron.convert.output import atomic_output_dir
 from wit_megatron.convert.safetensors_io import SafetensorsReader
 from wit_megatron.convert.sharded import meta_model, tensor_entries, with_data
 from wit_megatron.convert.transforms import ConversionError, head_dim
 from wit_megatron.megatron_lm_args import megatron_lm_caveats
 from wit_megatron.model import GPTArch
+from wit_megatron.output import OutputKind, atomic_output_dir, check_output
 from wit_megatron.runtime.parallel import init_single_process
 
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
@@ -41,6 +41,7 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 # and I/O bound: on the 2-core development machine a 1 GB model saved in about 2 s with 1, 1.5 s
 # with 2 and 1.1 s with 4 (8: no further gain); megatron-core's default is 2 (0.16) or 1 (0.19).
 WRITERS = 4
+CHECKPOINT_OUTPUT = OutputKind("Megatron checkpoint", ckpt.written_by_wit)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,10 @@ class Step:
 
 
 def read_hf_config(hf_dir: Path) -> dict:
+    try:
+        staging.refuse_staging(hf_dir, "Hugging Face model")
+    except staging.StagingError as e:
+        raise ConversionError(str(e)) from None
     path = Path(hf_dir) / "config.json"
     if not path.exists():
         raise ConversionError(f"{hf_dir}: no config.json (is this a Hugging Face model directory?)")
@@ -160,8 +165,7 @@ def convert_hf_to_megatron(hf_dir: Path, out: Path, dtype: Optional[str] = None,
     if dry_run:
         print(describe(steps, reader, arch))
         return None
-    if out.exists() and not force:
-        raise ConversionError(f"output directory {out} exists; pass --force to replace it")
+    check_output(out, force, [hf_dir], CHECKPOINT_OUTPUT)
     model_dtype = target or reader.infos[steps[0].hf_names[0]].dtype  # the embedding's
 
     init_single_process()
@@ -199,7 +203,7 @@ def convert_hf_to_megatron(hf_dir: Path, out: Path, dtype: Optional[str] = None,
     state["model"] = sharded
     from wit_megatron.runtime.compat import save_distributed_checkpoint
 
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, [hf_dir], CHECKPOINT_OUTPUT) as tmp:
         directory = tmp / ckpt.iteration_dir_name(None)
         directory.mkdir()
         with _write_progress(directory, _tensor_bytes(sharded), progress):

@@ -19,14 +19,15 @@ from typing import Optional
 import torch
 
 from wit_megatron import checkpoint as ckpt
-from wit_megatron.convert.output import atomic_output_dir
 from wit_megatron.convert.families import Family, Rule, family_for, hf_shapes, megatron_shapes
-from wit_megatron.convert.safetensors_io import PlannedTensor, StreamingSafetensorsWriter
+from wit_megatron.convert.safetensors_io import PlannedTensor, StreamingSafetensorsWriter, written_by_export
 from wit_megatron.convert.torch_dist_reader import TorchDistReader
 from wit_megatron.convert.transforms import ConversionError
 from wit_megatron.model import GPTArch
+from wit_megatron.output import OutputKind, atomic_output_dir, check_output
 
 DEFAULT_MAX_SHARD_BYTES = 2 * 1024**3
+HF_OUTPUT = OutputKind("Hugging Face model", written_by_export)
 
 
 def convert_megatron_to_hf(megatron: Path, out: Path, force: bool = False, dry_run: bool = False,
@@ -42,8 +43,8 @@ def convert_megatron_to_hf(megatron: Path, out: Path, force: bool = False, dry_r
             "was the checkpoint converted from a Hugging Face model?"
         )
     _, family = family_for(hf_config)
-    if out.exists() and not force and not dry_run:
-        raise ConversionError(f"output directory {out} exists; pass --force to replace it")
+    if not dry_run:
+        check_output(out, force, [root], HF_OUTPUT)
 
     reader = TorchDistReader(directory)
     layers = plan(directory, family, arch, reader.tensors)
@@ -56,7 +57,7 @@ def convert_megatron_to_hf(megatron: Path, out: Path, force: bool = False, dry_r
 
     planned = [p for group in layers for item in group for p in item.planned]
     bar = tqdm_bar(sum(map(len, layers)), progress)
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, [root], HF_OUTPUT) as tmp:
         writer = StreamingSafetensorsWriter(tmp, planned, max_shard_bytes)
         # One DCP read per layer (per embedding / final-norm / output group), the next one read in a
         # thread while this one is written (file reads and writes release the GIL): resident memory
@@ -144,19 +145,20 @@ def plan(directory: Path, family: Family, arch: GPTArch, stored: dict) -> list[l
 
 
 def _write_configs(root: Path, out: Path, hf_config: dict, plans: list[PlannedTensor]) -> None:
-    """config.json from the record (its dtype field set to the weights' if they differ), then the
-    tokenizer files and generation_config.json kept at conversion time."""
+    """The tokenizer files and generation_config.json kept at conversion time, then config.json from the
+    record (its dtype field set to the weights' if they differ): config.json, without which nothing
+    loads the directory, is written last."""
+    assets = root / ckpt.ASSETS
+    if assets.is_dir():
+        for path in sorted(assets.iterdir()):
+            if path.is_file() and path.name != "config.json":
+                shutil.copy2(path, out / path.name)
     config = dict(hf_config)
     weights_dtype = str(plans[0].dtype).removeprefix("torch.")
     for key in ("torch_dtype", "dtype"):
         if key in config and config[key] != weights_dtype:
             config[key] = weights_dtype
     (out / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    assets = root / ckpt.ASSETS
-    if assets.is_dir():
-        for path in sorted(assets.iterdir()):
-            if path.is_file() and path.name != "config.json":
-                shutil.copy2(path, out / path.name)
 
 
 def tqdm_bar(total: int, enabled: bool):

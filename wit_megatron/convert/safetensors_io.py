@@ -28,6 +28,9 @@ DTYPES = {
 }
 NAMES = {v: k for k, v in DTYPES.items()}
 INDEX = "model.safetensors.index.json"
+# In the `__metadata__` of every shard the exporter writes: what marks a directory as this tool's output,
+# the only kind `wit-convert-megatron-to-hf --force` replaces (transformers keeps "format": "pt" only).
+EXPORT_MARK = {"format": "pt", "written_by": "wit-megatron"}
 # The writer flushes its shard to disk every this many bytes: dirty pages stay bounded however large
 # the model (an unbounded backlog throttles the writer and crowds out the page cache).
 SYNC_BYTES = 256 * 1024**2
@@ -80,6 +83,19 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict]:
             )
         infos[name] = TensorInfo(path, DTYPES[dtype], shape, 8 + length + begin, 8 + length + end)
     return infos, metadata
+
+
+def written_by_export(directory: Path) -> bool:
+    """Whether `directory` is an HF model the exporter wrote: config.json, and safetensors shards that
+    all carry EXPORT_MARK."""
+    directory = Path(directory)
+    shards = sorted(directory.glob("*.safetensors"))
+    if not (directory / "config.json").is_file() or not shards:
+        return False
+    try:
+        return all(read_header(shard)[1].get("written_by") == EXPORT_MARK["written_by"] for shard in shards)
+    except ConversionError:
+        return False
 
 
 class SafetensorsReader:
@@ -167,7 +183,7 @@ class StreamingSafetensorsWriter:
             header[tensor.name] = {"dtype": NAMES[tensor.dtype], "shape": list(tensor.shape),
                                    "data_offsets": [offset, offset + tensor.nbytes]}
             offset += tensor.nbytes
-        header["__metadata__"] = {"format": "pt"}
+        header["__metadata__"] = dict(EXPORT_MARK)
         encoded = json.dumps(header, separators=(",", ":")).encode()
         encoded += b" " * (-len(encoded) % 8)  # data starts 8-byte aligned, as safetensors writes it
         self._file = open(self.directory / self.file_names[self._shard], "wb")

@@ -28,6 +28,7 @@ import torch
 from torch.futures import Future
 from torch.distributed.checkpoint import FileSystemReader
 from torch.distributed.checkpoint import load as dcp_load
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import ChunkStorageMetadata, TensorStorageMetadata
 from torch.distributed.checkpoint.planner import LoadItemType, LoadPlan, LoadPlanner, ReadItem
@@ -39,12 +40,16 @@ Requests = dict[str, tuple[Sequence[int], torch.Tensor]]  # key -> (global offse
 
 
 class TorchDistReader(FileSystemReader):
-    """A FileSystemReader that unpickles the checkpoint's `.metadata` once: DCP asks for it on every
-    load, and it is the largest per-call cost when a model is read a layer at a time."""
+    """A FileSystemReader that reads the checkpoint's `.metadata` once, through `checkpoint.check_files`
+    (which unpickles it safely and checks that every stored item lies within its file) instead of DCP's
+    plain `pickle.load`: DCP asks for it on every load, and it is the largest per-call cost when a model
+    is read a layer at a time."""
 
     def __init__(self, directory: Path):
+        from wit_megatron.checkpoint import check_files
+
         super().__init__(str(directory))
-        self._metadata = super().read_metadata()
+        self._metadata = check_files(directory)
 
     def read_metadata(self, *args, **kwargs):
         return self._metadata
@@ -83,14 +88,23 @@ class TorchDistReader(FileSystemReader):
 
     def read(self, requests: Requests) -> None:
         """Fill each buffer with the region of its key starting at the given global offsets, in one DCP load."""
-        with warnings.catch_warnings():  # DCP warns that a load without a process group is single-process
-            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-            dcp_load(
-                state_dict={key: buffer for key, (_, buffer) in requests.items()},
-                storage_reader=self,
-                planner=_RegionPlanner(requests),
-                no_dist=True,
-            )
+        try:
+            with warnings.catch_warnings():  # DCP warns that a load without a process group is single-process
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp_load(
+                    state_dict={key: buffer for key, (_, buffer) in requests.items()},
+                    storage_reader=self,
+                    planner=_RegionPlanner(requests),
+                    no_dist=True,
+                )
+        except (Exception, CheckpointException) as e:  # a file that broke after the checks: name what was read
+            cause = next(iter(e.failures.values()))[0] if isinstance(e, CheckpointException) and e.failures else e
+            if isinstance(cause, ConversionError):
+                raise cause from None
+            stored = self._metadata.storage_data
+            files = sorted({stored[index].relative_path for index in stored if index.fqn in requests})
+            raise ConversionError(f"{self.path}: cannot read {', '.join(requests)} from {', '.join(files)} "
+                                  f"({type(cause).__name__}: {cause})") from None
 
 
 class _RegionPlanner(DefaultLoadPlanner):

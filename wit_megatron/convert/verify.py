@@ -126,8 +126,11 @@ def default_tokens(vocab: int, batch: int = 2, seq: int = 16, seed: int = 0, tok
 
 def run_verification(hf_dir: Path, checkpoint: Path, layout: tuple) -> dict:
     """HF logits here, Megatron logits on tp·pp local gloo ranks (CPU), compared on a few prompts."""
+    from wit_megatron.convert.hf_to_mcore import read_hf_config
+    from wit_megatron.runtime.kernels import in_use
     from wit_megatron.runtime.launch import run_distributed
 
+    read_hf_config(hf_dir)  # a directory with a config.json, and no staging directory
     arch = ckpt.open_checkpoint(Path(checkpoint)).arch
     check_layout(arch, ParallelLayout(*layout))
     has_tokenizer = any((Path(hf_dir) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
@@ -135,7 +138,8 @@ def run_verification(hf_dir: Path, checkpoint: Path, layout: tuple) -> dict:
     per_rank = run_distributed("wit_megatron.convert.verify:_rank_logits", layout[0] * layout[1],
                                checkpoint=str(checkpoint), layout=layout, tokens=tokens)
     (megatron,) = [r for r in per_rank if r is not None]
-    return dict(compare(hf_logits(hf_dir, tokens), megatron, tokens), layout=list(layout), tokens=list(tokens.shape))
+    return dict(compare(hf_logits(hf_dir, tokens), megatron, tokens), layout=list(layout), tokens=list(tokens.shape),
+                kernels=in_use())
 
 
 def _rank_logits(checkpoint: str, layout: tuple, tokens: torch.Tensor):

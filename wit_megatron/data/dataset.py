@@ -38,6 +38,7 @@ import json
 import logging
 import os
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -284,6 +285,25 @@ def _best_fit_decreasing(records: np.ndarray, sizes: np.ndarray, capacity: int) 
     return [np.asarray(x, dtype=np.int64) for x in bins]
 
 
+def check_cached_indices(directory: str) -> None:
+    """Refuse cached blend indices megatron-core would unpickle: its BlendedDataset loads
+    `PATH_TO_CACHE/*.npy` with `numpy.load(allow_pickle=True)` (0.16; 0.19 through a restricted
+    unpickler), which runs whatever a file there that is not a plain array names. The cache directory
+    is the user's (--data-cache-path), possibly shared or copied with the data."""
+    for path in sorted(Path(directory).glob("*.npy")):
+        with open(path, "rb") as f:
+            try:
+                version = np.lib.format.read_magic(f)
+                read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
+                dtype = read_header[version](f)[2]
+            except (ValueError, KeyError, EOFError):
+                raise ValueError(f"{path}: not a plain NumPy array, as megatron-core's cached indices are; refused "
+                                 "without loading it (megatron-core would unpickle it): remove it to rebuild the cache") from None
+        if dtype.hasobject:
+            raise ValueError(f"{path}: a NumPy array of Python objects, not cached indices; refused without loading it "
+                             "(megatron-core would unpickle it): remove it to rebuild the cache")
+
+
 def build_datasets(
     config: WITDatasetConfig,
     sizes: Sequence[Optional[int]],
@@ -295,6 +315,8 @@ def build_datasets(
 
     from wit_megatron.runtime import compat
 
+    if config.path_to_cache:
+        check_cached_indices(config.path_to_cache)
     if config.path_to_cache and not torch.distributed.is_initialized() and not compat.blended_dataset_caches_without_process_group():
         # This megatron-core cannot cache blend indices without a process group: keep caching the
         # WIT sample indices, rebuild the (cheap) blend indices each time.

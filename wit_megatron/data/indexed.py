@@ -3,8 +3,11 @@
 For an output prefix P:
     P_tokens.bin/.idx   token ids (uint16 when the vocabulary fits, else int32), one sequence per record
     P_roles.bin/.idx    one uint8 role code (wit_megatron.roles.Role) per token, same sequence lengths
-    P.meta.json         tokenizer facts and preprocessing settings the dataset checks at load time, and
-                        `dataset_uuid`, new at every preprocessing run (it keys the dataset's index cache)
+    P.meta.json         tokenizer facts (data/tokenizer_identity.py: vocabulary size, special ids, a
+                        fingerprint; training compares them with the checkpoint's tokenizer), the
+                        largest token id, preprocessing settings the dataset checks at load time, and
+                        `dataset_uuid`, new at every preprocessing run (it keys the dataset's index cache);
+                        written last: a prefix without it is not a complete dataset
     P.report.json       what preprocessing read, wrote, skipped and why (see preprocess.Report)
 
 Both IndexedDatasets are written with megatron-core's own IndexedDatasetBuilder, so Megatron's tools
@@ -17,7 +20,6 @@ import hashlib
 import json
 import os
 import uuid
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -53,9 +55,11 @@ class WITIndexedWriter:
     def __init__(self, prefix: str, vocab_size: int):
         from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder, get_bin_path
 
-        Path(prefix).parent.mkdir(parents=True, exist_ok=True)
+        # The directory must exist: never created here, so that a preprocessing worker the pool starts
+        # after SIGTERM removed the staging cannot bring the staging back (its write fails instead).
         self.prefix = prefix
         self.vocab_size = vocab_size
+        self.max_token_id = -1  # of the records added here (parts appended report theirs in their meta)
         self.token_dtype = DType.optimal_dtype(vocab_size)
         self._tokens = IndexedDatasetBuilder(get_bin_path(prefix + TOKENS_SUFFIX), dtype=self.token_dtype)
         self._roles = IndexedDatasetBuilder(get_bin_path(prefix + ROLES_SUFFIX), dtype=np.uint8)
@@ -66,16 +70,19 @@ class WITIndexedWriter:
             raise ValueError(f"{len(ids)} ids but {len(roles)} role codes")
         if len(ids) and (int(ids.max()) >= self.vocab_size or int(ids.min()) < 0):
             raise ValueError(f"token id out of range [0, {self.vocab_size}): min {ids.min()}, max {ids.max()}")
+        if len(ids):
+            self.max_token_id = max(self.max_token_id, int(ids.max()))
         self._tokens.add_item(torch.from_numpy(np.ascontiguousarray(ids)))
         self._tokens.end_document()
         self._roles.add_item(torch.from_numpy(np.ascontiguousarray(roles, dtype=np.uint8)))
         self._roles.end_document()
 
-    def append_part(self, part: str) -> None:
-        """Append the records of another writer's finalized output `part` (same vocabulary) with
-        megatron-core's `add_index`, then delete the part's files."""
+    def append_part(self, part: str, max_token_id: int) -> None:
+        """Append the records of another writer's finalized output `part` (same vocabulary; its largest
+        id `max_token_id`) with megatron-core's `add_index`, then delete the part's files."""
         from megatron.core.datasets.indexed_dataset import get_bin_path, get_idx_path
 
+        self.max_token_id = max(self.max_token_id, max_token_id)
         for builder, suffix in ((self._tokens, TOKENS_SUFFIX), (self._roles, ROLES_SUFFIX)):
             builder.add_index(part + suffix)
             os.remove(get_bin_path(part + suffix))
@@ -88,8 +95,8 @@ class WITIndexedWriter:
         self._tokens.finalize(get_idx_path(self.prefix + TOKENS_SUFFIX))
         self._roles.finalize(get_idx_path(self.prefix + ROLES_SUFFIX))
         if meta is not None:
-            meta = dict(meta, version=META_VERSION, vocab_size=self.vocab_size, role_codes=role_codes(),
-                        token_dtype=np.dtype(self.token_dtype).name, dataset_uuid=uuid.uuid4().hex)
+            meta = dict(meta, version=META_VERSION, vocab_size=self.vocab_size, max_token_id=self.max_token_id,
+                        role_codes=role_codes(), token_dtype=np.dtype(self.token_dtype).name, dataset_uuid=uuid.uuid4().hex)
             write_json(meta_path(self.prefix), meta)
 
 
@@ -97,6 +104,24 @@ def output_files(prefix: str) -> list[str]:
     """The files of a preprocessed dataset, meta.json (the mark of a complete dataset) last."""
     return [prefix + TOKENS_SUFFIX + ".bin", prefix + TOKENS_SUFFIX + ".idx", prefix + ROLES_SUFFIX + ".bin",
             prefix + ROLES_SUFFIX + ".idx", report_path(prefix), meta_path(prefix)]
+
+
+def existing_files(prefix: str) -> list[str]:
+    """The files of a dataset at `prefix` that exist (any of them: a dataset, or what is left of one)."""
+    return [path for path in output_files(prefix) if os.path.lexists(path)]
+
+
+def written_by_wit(prefix: str) -> bool:
+    """Whether the files at `prefix` are (what is left of) a dataset wit-preprocess-data wrote: its
+    meta.json or its report, one of which survives an interrupted replacement (`publish`)."""
+    for path, key in ((meta_path(prefix), "dataset_uuid"), (report_path(prefix), "records_written")):
+        try:
+            with open(path) as f:
+                if key in json.load(f):
+                    return True
+        except (OSError, ValueError, TypeError):
+            continue
+    return False
 
 
 def publish(staged_prefix: str, prefix: str) -> None:
@@ -115,13 +140,6 @@ def publish(staged_prefix: str, prefix: str) -> None:
         os.fsync(directory)
     finally:
         os.close(directory)
-
-
-def remove_staged(staged_prefix: str) -> None:
-    """Delete whatever an interrupted run wrote under `staged_prefix`."""
-    for path in output_files(staged_prefix):
-        if os.path.exists(path):
-            os.remove(path)
 
 
 def write_json(path: str, obj: dict) -> None:
@@ -153,8 +171,14 @@ class WITIndexedData:
                              f"{self.meta.get('version')}, this one reads {META_VERSION}); preprocess again")
         if self.meta.get("role_codes") != role_codes():
             raise ValueError(f"{prefix}: role codes {self.meta.get('role_codes')} differ from this version's {role_codes()}; preprocess again")
-        self.token_data = IndexedDataset(prefix + TOKENS_SUFFIX, mmap=mmap)
-        self.role_data = IndexedDataset(prefix + ROLES_SUFFIX, mmap=mmap)
+        if self.meta.get("records") == 0:  # megatron-core cannot even map its empty .bin files
+            raise ValueError(f"{prefix}: the dataset holds no records ({meta_path(prefix)}); preprocess data with records into it")
+        try:
+            self.token_data = IndexedDataset(prefix + TOKENS_SUFFIX, mmap=mmap)
+            self.role_data = IndexedDataset(prefix + ROLES_SUFFIX, mmap=mmap)
+        except (OSError, ValueError, AssertionError) as e:  # megatron-core's reader names no file
+            raise ValueError(f"{prefix}: unreadable {TOKENS_SUFFIX}/{ROLES_SUFFIX} .bin/.idx files "
+                             f"({type(e).__name__}: {e})") from None
         self.lengths = np.asarray(self.token_data.sequence_lengths, dtype=np.int64)
         if not np.array_equal(self.lengths, self.role_data.sequence_lengths):
             raise ValueError(f"{prefix}: token and role datasets are not aligned (different sequence lengths)")

@@ -9,7 +9,14 @@ worker the main process encodes and writes each record itself (no parts). The ma
 multi-worker run reads inputs, merges part files and sums each chunk's counts: only the records that
 failed pass through it one by one.
 A bad record raises `PreprocessError` naming its file and line, unless `on_error="skip"`, which
-counts it under its reason in the report. Nothing is dropped without being counted.
+counts it under its reason in the report. Nothing is dropped without being counted, and a run that
+writes no record at all is an error (the message says why), not an empty dataset.
+
+The output follows the converters' rules (wit_megatron.output): a prefix whose files would overlap an
+input is refused; an existing dataset is replaced only with `force` and only if this tool wrote it.
+Files are written into an owned hidden staging directory next to the output (wit_megatron.staging)
+and published when complete, meta.json last; a failure, SIGTERM or Ctrl-C removes the staging, and
+the next run removes what a killed run left.
 """
 
 from __future__ import annotations
@@ -30,20 +37,27 @@ from typing import Iterator, Literal, Optional, Sequence
 
 import numpy as np
 
+from wit_megatron import interrupt, staging
+from wit_megatron.argtypes import int_at_least, positive_int
+from wit_megatron.data import indexed
 from wit_megatron.data.formats import FORMATS, REASONS, FormatName, PaperRecord, RecordError, detect_format, ignored_keys, parse_record
-from wit_megatron.data.indexed import WITIndexedWriter, publish, remove_staged, report_path, write_json
+from wit_megatron.data.indexed import WITIndexedWriter, publish, report_path, write_json
 from wit_megatron.data.sources import InputError, SourceItem, SourceStats, iter_source
 from wit_megatron.data.tokenize import (
     BUILTIN_TEMPLATES, TRUNCATION_POLICIES, ChatEncoder, Encoded, PaperEncoder, TruncationPolicy, added_bos_token_id, truncate,
 )
+from wit_megatron.data.tokenizer_identity import tokenizer_identity
+from wit_megatron.output import OutputError, check_not_overlapping
 from wit_megatron.roles import Role
+from wit_megatron.runtime.kernels import quiet_fallback_warnings
 
 MAX_ERROR_EXAMPLES = 20
 _ROLE_NAMES = [Role(code).name.lower() for code in range(len(Role))]  # indexed by role code
 
 
 class PreprocessError(ValueError):
-    """A malformed record with on_error="raise": the message names file, line and what is wrong."""
+    """A malformed record with on_error="raise" (the message names file, line and what is wrong), or a
+    run that wrote no record (the message says why)."""
 
 
 @dataclass
@@ -61,6 +75,7 @@ class PreprocessConfig:
     split: Optional[str] = None  # the split of a `datasets` input with several
     chunk_size: int = 512  # records per work unit (one tokenizer batch for paper records)
     progress: bool = True
+    force: bool = False  # replace an existing dataset at output_prefix (only one this tool wrote)
 
     def __post_init__(self):
         if self.format not in FORMATS:
@@ -73,6 +88,8 @@ class PreprocessConfig:
             raise ValueError(f"max_length must be >= 2, got {self.max_length}")
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
+        if self.chunk_size < 1:
+            raise ValueError(f"chunk_size must be >= 1, got {self.chunk_size}")
         if not self.inputs:
             raise ValueError("no inputs given")
 
@@ -245,6 +262,7 @@ class _ChunkResult:
     counts: Report  # of the records written
     errors: list  # (location, RecordError) of the records not written, in input order
     part: Optional[str] = None  # the part dataset a worker wrote them to (None: none written, or no worker)
+    max_token_id: int = -1  # the part's largest token id
 
 
 def _encode(encoder: RecordEncoder, items: list[SourceItem]) -> tuple[_ChunkResult, list[Encoded]]:
@@ -271,6 +289,7 @@ def _encode_in_worker(task: tuple[int, list[SourceItem]]) -> _ChunkResult:
         for encoded in written:
             writer.add(encoded.ids, encoded.roles)
         writer.finalize()
+        result.max_token_id = writer.max_token_id
     return result
 
 
@@ -292,21 +311,59 @@ def vocab_size(tokenizer) -> int:
     return len(tokenizer)
 
 
+def check_output_prefix(config: PreprocessConfig) -> None:
+    """Refuse an output prefix whose files would overlap an input (or the tokenizer directory), or that
+    holds a dataset which may not be replaced (without `force`, or not written by this tool)."""
+    prefix = os.path.abspath(config.output_prefix)
+    inputs = [path for path in [*config.inputs, config.tokenizer] if os.path.exists(path)]
+    for path in indexed.output_files(prefix):
+        check_not_overlapping(path, inputs, f"--output-prefix {config.output_prefix} (its file {os.path.basename(path)})")
+    existing = indexed.existing_files(prefix)
+    if not existing:
+        return
+    names = ", ".join(os.path.basename(path) for path in existing)
+    if not config.force:
+        raise OutputError(f"--output-prefix {config.output_prefix} holds a dataset ({names}); pass --force to replace it")
+    if not indexed.written_by_wit(prefix):
+        raise OutputError(f"--force replaces only a dataset this tool wrote; {names} at --output-prefix "
+                          f"{config.output_prefix} are not one: choose another prefix, or remove them yourself")
+
+
 def run(config: PreprocessConfig, tokenizer=None) -> Report:
     """Preprocess `config.inputs` into `config.output_prefix`; returns (and writes) the report.
 
-    The files are written under a hidden staging prefix in the same directory and moved into place
+    The files are written into a hidden staging directory next to the output and moved into place
     only when complete (`indexed.publish`); a failed or interrupted run removes them."""
+    check_output_prefix(config)
     tokenizer = tokenizer if tokenizer is not None else load_tokenizer(config.tokenizer)
     prefix = os.path.abspath(config.output_prefix)
-    staged = os.path.join(os.path.dirname(prefix), f".{os.path.basename(prefix)}.staged-{os.getpid()}")
+    directory, name = os.path.dirname(prefix), os.path.basename(prefix)
+    os.makedirs(directory, exist_ok=True)
+    for line in staging.remove_stale(directory, name):
+        print(line, file=sys.stderr, flush=True)
+    staged_dir = staging.make(directory, name)
     try:
-        report = _write(config, tokenizer, staged)
-        publish(staged, prefix)
-    except BaseException:
-        remove_staged(staged)
-        raise
+        with interrupt.cleanup_on_interrupt(lambda: shutil.rmtree(staged_dir, ignore_errors=True)):
+            staged = os.path.join(staged_dir, name)
+            report = _write(config, tokenizer, staged)
+            if report.records_written == 0:
+                raise PreprocessError(_nothing_written(config, report))
+            with interrupt.deferred():  # an existing dataset is replaced whole, never cut in half
+                publish(staged, prefix)
+    finally:
+        shutil.rmtree(staged_dir, ignore_errors=True)
     return report
+
+
+def _nothing_written(config: PreprocessConfig, report: Report) -> str:
+    """Why a run wrote no record, for the error message."""
+    inputs = ", ".join(config.inputs)
+    if report.records_read == 0:
+        return f"{inputs}: no records to write: the input holds none ({report.blank_lines} blank line(s)); nothing was written"
+    reasons = ", ".join(f"{count} {reason} ({REASONS[reason]})" for reason, count in sorted(report.skipped.items()))
+    examples = "".join(f"\n  {example}" for example in report.error_examples[:3])
+    return (f"{inputs}: none of the {report.records_read} records could be written: skipped {reasons}; nothing was "
+            f"written{examples}")
 
 
 def _write(config: PreprocessConfig, tokenizer, prefix: str) -> Report:
@@ -346,7 +403,7 @@ def _write(config: PreprocessConfig, tokenizer, prefix: str) -> Report:
                     report.records_read += result.records
                     report.add_counts(result.counts)
                     if result.part is not None:
-                        writer.append_part(result.part)
+                        writer.append_part(result.part, result.max_token_id)
                     bar.update(result.records)
                 report.blank_lines += stats.blank_lines
                 report.per_input.append({
@@ -365,10 +422,8 @@ def _write(config: PreprocessConfig, tokenizer, prefix: str) -> Report:
     report.tokens_per_s = report.tokens / report.elapsed_s if report.elapsed_s > 0 else 0.0
     writer.finalize({
         "tokenizer": config.tokenizer,
-        "bos_token_id": tokenizer.bos_token_id,
+        **tokenizer_identity(tokenizer),  # vocab_size, special ids, fingerprint: compared with the model's at training
         "added_bos_token_id": encoder.added_bos,  # kept in front of a left cut, here and at load time
-        "eos_token_id": tokenizer.eos_token_id,
-        "pad_token_id": tokenizer.pad_token_id,
         "append_eos": config.append_eos,
         "max_length": config.max_length,
         "truncation": config.truncation,
@@ -391,30 +446,35 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--chat-template", default=None, help=f"Jinja template file, the name of one of the tokenizer's templates (if it has several), or built-in name "
                    f"{sorted(BUILTIN_TEMPLATES)} (default: the tokenizer's, its 'default' one or for records with tools its 'tool_use' one)")
     p.add_argument("--no-append-eos", dest="append_eos", action="store_false", help="paper format: do not append EOS to the response")
-    p.add_argument("--max-length", type=int, default=None,
+    p.add_argument("--max-length", type=int_at_least(2), default=None,
                    help="truncate records to this many tokens (use the training seq length + 1); default: no truncation "
                    "here (the dataset cuts records longer than its sequence length + 1 at load time, by its own truncation setting)")
     p.add_argument("--truncation", choices=TRUNCATION_POLICIES, default="keep_response",
                    help="keep_response: cut the prompt from the left, keep the response (default); right: the paper's plain right truncation")
-    p.add_argument("--workers", type=int, default=1, help="tokenizing processes (default 1); output is identical for any number")
+    p.add_argument("--workers", type=positive_int, default=1, help="tokenizing processes (default 1); output is identical for any number")
     p.add_argument("--on-error", choices=("raise", "skip"), default="raise",
                    help="raise (default): stop at the first malformed record, naming its file and line (exit 1); skip: count "
                    "it under its reason in the report and go on. An unreadable input, tokenizer or template exits 2")
     p.add_argument("--split", default=None, help="split of a `datasets` input that has several (default: its only split)")
-    p.add_argument("--chunk-size", type=int, default=512, help="records per work unit and tokenizer batch (default 512)")
+    p.add_argument("--chunk-size", type=positive_int, default=512, help="records per work unit and tokenizer batch (default 512)")
     p.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar on stderr")
+    p.add_argument("--force", action="store_true",
+                   help="replace an existing dataset at --output-prefix (only one this tool wrote)")
     return p
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = vars(build_arg_parser().parse_args(argv))
     config = PreprocessConfig(inputs=args.pop("input"), **args)
+    quiet_fallback_warnings()
+    interrupt.die_with_parent()
     try:
-        report = run(config)
-    except PreprocessError as e:  # a malformed record
+        with interrupt.stop_on_signals(f"the dataset {config.output_prefix}"):
+            report = run(config)
+    except PreprocessError as e:  # a malformed record, or no record written
         print(f"error: {e}", file=sys.stderr)
         return 1
-    except InputError as e:  # an input, tokenizer or template that cannot be read at all
+    except (InputError, OutputError) as e:  # an input, tokenizer or template that cannot be read; an output refused
         print(f"error: {e}", file=sys.stderr)
         return 2
     skipped = sum(report.skipped.values())

@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from wit_megatron import interrupt
+
 
 class DistributedFailure(AssertionError):
     """A rank raised, crashed or timed out; the message holds every failing rank's traceback."""
@@ -40,7 +42,7 @@ def run_distributed(target: str, world_size: int, timeout_s: float = 900, **kwar
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         # Its own process group, so that a timeout (or Ctrl-C here) kills the forked ranks too, not only the launcher.
         proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=interrupt.child_dies_with_this_process())
         try:
             out, err = proc.communicate(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -90,7 +92,10 @@ def _main(target: str, world_size: int, workdir: Path) -> int:
 
     torch.set_num_threads(1)
     from wit_megatron.runtime import cpu
+    from wit_megatron.runtime.kernels import quiet_fallback_warnings
 
+    quiet_fallback_warnings()
+    interrupt.die_with_parent()  # no rank outlives the launcher
     cpu.enable()
     module_name, fn_name = target.split(":")
     fn = getattr(importlib.import_module(module_name), fn_name)

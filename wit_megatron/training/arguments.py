@@ -11,6 +11,7 @@ import argparse
 import importlib.util
 import math
 import os
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
@@ -151,6 +152,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="train,valid,test proportions of --data-path's records (the paper trains on all of them)")
     g.add_argument("--num-workers", type=int, default=2, help="data loader worker processes per data-reading rank")
     g.add_argument("--data-cache-path", default=None, help="where dataset indices are cached (default: next to the data)")
+    g.add_argument("--allow-tokenizer-mismatch", action="store_true",
+                   help="train on data whose tokenizer (recorded by wit-preprocess-data) differs from the one --load's "
+                   "checkpoint carries (vocabulary size, special ids, fingerprint); refused otherwise")
     g.add_argument("--seed", type=int, default=1234)
 
     g = p.add_argument_group("validation")
@@ -201,6 +205,9 @@ def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] =
         check_args(args, world_size if world_size is not None else int(os.environ.get("WORLD_SIZE", "1")))
     except ValueError as e:
         parser.error(str(e))
+    if int(os.environ.get("RANK", "0")) == 0:
+        for note in args.data_notes:
+            print(f"note: {note}", file=sys.stderr, flush=True)
     return args
 
 
@@ -222,8 +229,8 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be finite and >= 0, got {value}")
     if args.lr_warmup_fraction is not None and not 0 <= args.lr_warmup_fraction <= 1:
         raise ValueError(f"--lr-warmup-fraction must be within [0, 1], got {args.lr_warmup_fraction}")
-    if args.train_iters is not None:
-        decay = args.lr_decay_iters or args.train_iters
+    decay = args.lr_decay_iters or args.train_iters  # None with --train-epochs: known once the data is read
+    if decay is not None:
         if args.lr_warmup_iters is not None and args.lr_warmup_iters >= decay:
             raise ValueError(f"--lr-warmup-iters {args.lr_warmup_iters} must be below the decay iterations ({decay}: "
                              "--lr-decay-iters, else --train-iters)")
@@ -325,6 +332,17 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
         args.blend_per_split = [parse_blend(args.train_data_path, "--train-data-path"),
                                 parse_blend(args.valid_data_path, "--valid-data-path"), None]
     args.synthetic = args.blend is None and args.blend_per_split is None
+    if args.data_cache_path is not None and os.path.isdir(args.data_cache_path):
+        from wit_megatron.data.dataset import check_cached_indices
+
+        check_cached_indices(args.data_cache_path)  # megatron-core 0.16 would unpickle a planted file there
+    args.data_notes = []
+    if not args.synthetic and args.checkpoint is not None:  # readable, ids inside the vocabulary, the same tokenizer
+        from wit_megatron.data.model_fit import check_data_fits_model
+
+        blends = zip(("--data-path", "--train-data-path", "--valid-data-path"), [args.blend, *(args.blend_per_split or [])])
+        datasets = [(option, prefix) for option, blend in blends if blend is not None for prefix in blend[0]]
+        args.data_notes = check_data_fits_model(datasets, args.checkpoint, args.allow_tokenizer_mismatch)
     tiny_model = args.checkpoint is None or args.checkpoint.record.get("family") == TINY_FAMILY
     if args.synthetic and not tiny_model:
         raise ValueError("--load of a converted model needs --data-path (or --train-data-path): the synthetic task is "

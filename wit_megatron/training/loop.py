@@ -21,6 +21,7 @@ from wit_megatron import checkpoint
 from wit_megatron.data.loader import DataConfig, PaddedDataset, agreed_length, build_datasets, micro_batches, padded_length
 from wit_megatron.model import build_model, preferred_layer_spec, transformer_config
 from wit_megatron.output_loss import OutputLoss
+from wit_megatron.runtime import kernels
 from wit_megatron.runtime.parallel import init_distributed, init_model_parallel
 from wit_megatron.training.arguments import TINY_FAMILY
 from wit_megatron.training.log import Interval, Logger
@@ -75,7 +76,7 @@ def pretrain(args: argparse.Namespace, forward_step_func=None) -> RunResult:
     spec = preferred_layer_spec(args.transformer_impl or record.get("layer_spec"))
     model = wrap_ddp(build_model(args.arch, config, kind=spec), config, args.use_distributed_optimizer,
                      args.overlap_grad_reduce, args.overlap_param_gather)
-    logger.print(f"layer spec: {spec} | parallel layout: {args.layout} dp{args.data_parallel_size} | "
+    logger.print(f"layer spec: {spec} | kernels: {kernels.in_use()} | parallel layout: {args.layout} dp{args.data_parallel_size} | "
                  f"precision: {str(args.params_dtype).removeprefix('torch.')} | "
                  f"λ_p {args.lambda_prompt}, λ_r {args.lambda_response}")
 
