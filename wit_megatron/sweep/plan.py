@@ -170,7 +170,7 @@ def default_entry() -> Path:
 
 def plan(config: PlanConfig) -> Sweep:
     """Check the grid and the shared training arguments, then write the sweep directory (whole or not at all)."""
-    from wit_megatron.convert.output import atomic_output_dir
+    from wit_megatron.output import OutputKind, atomic_output_dir
     from wit_megatron.sweep import scripts
 
     out = Path(config.out).resolve()
@@ -191,7 +191,9 @@ def plan(config: PlanConfig) -> Sweep:
                   slurm_options=list(config.slurm_options))
     if config.check:
         check_train_args(sweep)
-    with atomic_output_dir(out, force=out.exists()) as tmp:
+    # An existing --out is an empty directory here (checked above): replacing it loses nothing.
+    sweep_dir = OutputKind("sweep directory", lambda path: (path / SWEEP_FILE).is_file())
+    with atomic_output_dir(out, force=out.exists(), inputs=[], kind=sweep_dir) as tmp:
         for run in runs:
             run_dir = tmp / RUNS / run.name
             run_dir.mkdir(parents=True)
