@@ -25,7 +25,9 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def megatron_masked_ce_forward_step(data_iterator, model):
-    """Megatron-LM pretrain_gpt's per-token loss: Σ loss·mask and the mask's token count."""
+    """Megatron-LM pretrain_gpt's per-token loss: Σ loss·mask and the mask's token count. Where the batch
+    carries roles (WIT data), the mask is the one an SFT dataset gives Megatron-LM: response targets only
+    (conventional instruction tuning, the same number as WIT's loss at λ = (0, 1))."""
     from wit_megatron.batch import get_batch
     from wit_megatron.model import unwrap
 
@@ -33,7 +35,8 @@ def megatron_masked_ce_forward_step(data_iterator, model):
     output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
 
     def loss_func(output_tensor):
-        mask = batch["loss_mask"].view(-1).float()
+        mask = batch["loss_mask"] if batch.get("response_mask") is None else batch["loss_mask"] * batch["response_mask"]
+        mask = mask.view(-1).float()
         loss = torch.sum(output_tensor.view(-1).float() * mask)
         num_tokens = mask.sum().clone().detach().to(torch.int)
         return loss, num_tokens, {"lm loss": torch.cat([loss.clone().detach().view(1), num_tokens.view(1)])}
