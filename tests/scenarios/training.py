@@ -50,6 +50,5 @@ def runs(jobs: list[dict]) -> list[dict]:
             "exit_code": result.exit_code, "iteration": result.iteration, "consumed": result.consumed_train_samples,
             "params": params, "logits": logits,
             "last_stage": ps.is_pipeline_last_stage(ignore_virtual=True),
-            "threads": len(os.listdir(f"/proc/{os.getpid()}/task")),  # after this many runs in one process
         })
     return results
