@@ -414,6 +414,7 @@ def check_megatron_lm_pretrain(kind: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         convert_hf_to_megatron(hf, tmp / "megatron", progress=False)
+        (tmp / "data").mkdir()  # the writer creates no directory (preprocessing owns its staging)
         writer = WITIndexedWriter(str(tmp / "data" / "records"), 100)  # 48 records of 6-30 tokens: several per sequence
         rng = np.random.default_rng(0)
         for length in rng.integers(6, 31, size=48):
