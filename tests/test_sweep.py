@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -31,6 +32,9 @@ from wit_megatron.sweep.plan import SweepError, parse_values
 
 ROOT = Path(__file__).resolve().parents[1]
 FAILING = "p1_r1"  # the run made to fail: its save directory is a file
+# Generic names a caller's environment often holds (CI's own script sets PYTHON to a bare interpreter):
+# the sweep's scripts must run the plan's interpreter and process count regardless.
+UNRELATED_ENV = {**os.environ, "PYTHON": "/nonexistent/python", "NPROC_PER_NODE": "8"}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +75,8 @@ def sweep(tiny) -> dict:
     assert cli.main(["plan", "--lambda-prompt", "0.1,1", "--lambda-response", "0.5,1", "--out", str(out), "--nproc-per-node",
                      "1", "--", *train]) == 0
     (out / "runs" / FAILING / "checkpoints").write_text("not a directory\n")
-    ran = subprocess.run(["bash", str(out / "sweep.sh")], capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    ran = subprocess.run(["bash", str(out / "sweep.sh")], capture_output=True, text=True, cwd=ROOT, timeout=1200,
+                         env=UNRELATED_ENV)
     return {"dir": out, "train": train, "ran": ran}
 
 
@@ -254,7 +259,8 @@ def test_the_sweep_started_again_runs_only_what_did_not_finish(sweep):
     """sweep.sh again, with the failed run's cause removed: the finished runs are not run again, the
     failed one runs from the start (it had no save) and its history replaces the failed attempt's."""
     (sweep["dir"] / "runs" / FAILING / "checkpoints").unlink()
-    again = subprocess.run(["bash", str(sweep["dir"] / "sweep.sh")], capture_output=True, text=True, cwd=ROOT, timeout=1200)
+    again = subprocess.run(["bash", str(sweep["dir"] / "sweep.sh")], capture_output=True, text=True, cwd=ROOT, timeout=1200,
+                           env=UNRELATED_ENV)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert again.stdout.count(": finished; not run again") == 3
     assert cli.main(["collect", str(sweep["dir"])]) == 0

@@ -29,11 +29,13 @@ def run_script(sweep: Sweep, run: RunSpec) -> str:
 # One run of the WIT λ sweep in {sweep.directory}: λ_p = {run.lambda_prompt:g}, λ_r = {run.lambda_response:g}.
 # Output: train.log (appended, one "=== attempt" block per start), TensorBoard events in tensorboard/,
 # saves in checkpoints/. Started again, it resumes from its last save; once finished it does nothing.
-# NPROC_PER_NODE and PYTHON override the plan's; WIT_SWEEP_SLURM=1 (sweep.sbatch) launches with srun.
+# WIT_SWEEP_NPROC_PER_NODE and WIT_SWEEP_PYTHON override the plan's (names of their own: a generic
+# PYTHON or NPROC_PER_NODE in the caller's environment must not change what runs); WIT_SWEEP_SLURM=1
+# (sweep.sbatch) launches with srun.
 set -uo pipefail
 RUN="$(cd "$(dirname "${{BASH_SOURCE[0]}}")" && pwd)"
-PYTHON=${{PYTHON:-{q(sweep.python)}}}
-NPROC=${{NPROC_PER_NODE:-{sweep.nproc_per_node}}}
+PYTHON=${{WIT_SWEEP_PYTHON:-{q(sweep.python)}}}
+NPROC=${{WIT_SWEEP_NPROC_PER_NODE:-{sweep.nproc_per_node}}}
 ENTRY={q(sweep.entry)}
 cd {q(sweep.workdir)} || exit 1  # relative paths in the arguments were given from here
 
@@ -75,7 +77,7 @@ def sequential_script(sweep: Sweep) -> str:
     runs = _array(f"{RUNS}/{run.name}" for run in sweep.runs)
     return f"""#!/usr/bin/env bash
 # The WIT λ sweep in this directory, one run after another on this machine ({sweep.nproc_per_node} processes each;
-# NPROC_PER_NODE overrides). A failed run does not stop the others; a finished run is not run again and a
+# WIT_SWEEP_NPROC_PER_NODE overrides). A failed run does not stop the others; a finished run is not run again and a
 # stopped one resumes, so this script can simply be started again. Stops when a run is interrupted
 # (exit status 130/143). Exit status: 1 if any run failed. Then: wit-sweep collect "$(dirname "$0")".
 set -uo pipefail
@@ -118,7 +120,7 @@ def slurm_array_script(sweep: Sweep) -> str:
 set -euo pipefail
 RUNS=({runs})
 export WIT_SWEEP_SLURM=1
-export NPROC_PER_NODE=${{NPROC_PER_NODE:-{sweep.nproc_per_node}}}
+export WIT_SWEEP_NPROC_PER_NODE=${{WIT_SWEEP_NPROC_PER_NODE:-{sweep.nproc_per_node}}}
 export CUDA_DEVICE_MAX_CONNECTIONS=1  # what Megatron-Core expects on NVIDIA GPUs
 export NCCL_ASYNC_ERROR_HANDLING=1 TORCH_NCCL_ASYNC_ERROR_HANDLING=1
 export TORCH_ELASTIC_SHUTDOWN_TIMEOUT=${{TORCH_ELASTIC_SHUTDOWN_TIMEOUT:-280}}  # let workers save after SIGTERM
