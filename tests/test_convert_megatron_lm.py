@@ -12,12 +12,14 @@ this fails). docs/convert.md records the manual 0.16.1 run against Megatron-LM's
 from __future__ import annotations
 
 import importlib
+import json
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from tests.convert_models import build
 from wit_megatron.megatron_lm_args import FLAGS_FILE
@@ -67,24 +69,44 @@ def convert(hf: Path, out: Path, notes: list | None = None) -> Path:
 
 # q/k norms with a head dim of its own; biases on every linear layer with MQA; QKV bias, tied.
 @pytest.mark.parametrize("case", ["qwen3_qk_norm", "llama_mqa_biases", "qwen2_qkv_bias_tied"])
-def test_megatron_lm_loads_with_the_written_flags(tmp_path, case):
-    """With the Qwen2 case, Megatron-LM also saves what it loaded (its own save_checkpoint): that save
-    passes this project's checks of untrusted checkpoints, i.e. everything Megatron-LM pickles is in
-    wit_megatron/safe_pickle.py's admission list (its args, RNG and rerun state)."""
-    from wit_megatron.checkpoint import check_files, resolve
+def test_megatron_lm_loads_with_the_written_flags_and_its_save_exports(tmp_path, case):
+    """Megatron-LM also saves what it loaded (its own save_checkpoint, iteration 1). That save passes this
+    project's checks of untrusted checkpoints (everything Megatron-LM pickles is in safe_pickle.py's
+    admission list: its args, RNG and rerun state), and exports to HF from Megatron-LM's `args` alone
+    (no record of ours: the family from its switches, the config written from them): the original HF
+    weights bitwise, each family's config.json keys as the original's. For the Qwen2 case the verify
+    tool also compares the save with the HF model (the HF config as template)."""
+    from transformers import AutoConfig
+
+    from tests.convert_models import safetensors_of
+    from wit_megatron.checkpoint import RECORD, check_files, resolve
 
     hf = build(case, tmp_path / "hf")
     notes = []
     ckpt = convert(hf, tmp_path / "megatron", notes)
     flags = (ckpt / FLAGS_FILE).read_text().split()
-    save = ["--save", str(tmp_path / "mlm"), "--save-interval", "1", "--no-save-optim"] if case == "qwen2_qkv_bias_tied" else []
+    save = ["--save", str(tmp_path / "mlm"), "--save-interval", "1", "--no-save-optim"]
     result = megatron_lm_load(hf, ckpt, *flags, *save)
     assert result["diff"] <= 1e-4 and result["top1"] == 1.0 and result["returncode"] == 0 and not notes
     assert not result["use_rope_scaling"] and result["fixed_diff"] is None
-    if save:
-        root, directory = resolve(tmp_path / "mlm")
-        assert directory == tmp_path / "mlm/iter_0000001" and (directory / ".metadata").is_file()
-        check_files(directory)
+    root, directory = resolve(tmp_path / "mlm")
+    assert directory == tmp_path / "mlm/iter_0000001" and (directory / ".metadata").is_file() and not (root / RECORD).exists()
+    check_files(directory)
+
+    exported = subprocess.run([sys.executable, str(ROOT / "tools/convert_megatron_to_hf.py"), "--megatron", str(root),
+                               "--out", str(tmp_path / "back")], capture_output=True, text=True, cwd=ROOT)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    before, after = safetensors_of(hf), safetensors_of(tmp_path / "back")
+    assert sorted(before) == sorted(after) and all(torch.equal(before[k], after[k]) for k in before)
+    original, written = AutoConfig.from_pretrained(hf).to_dict(), AutoConfig.from_pretrained(tmp_path / "back").to_dict()
+    assert written["architectures"] == original["architectures"]
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "rms_norm_eps", "tie_word_embeddings", "head_dim", "attention_bias", "mlp_bias"):
+        assert written.get(key) == original.get(key), key
+    if case == "qwen2_qkv_bias_tied":
+        verify = subprocess.run([sys.executable, str(ROOT / "tools/verify_conversion.py"), "--hf", str(hf), "--megatron",
+                                 str(root)], capture_output=True, text=True, cwd=ROOT)
+        assert verify.returncode == 0 and json.loads(verify.stdout)["max_abs_diff"] <= 1e-4, verify.stderr[-3000:]
 
 
 def test_rope_scaling_factor_reaches_megatron_lm_whose_builder_drops_it(tmp_path):

@@ -172,6 +172,17 @@ def _refused_as_invalid(path: Path, check, what: str = "it"):
 
 def read_record(root: Path, iteration_dir: Path) -> dict:
     """The architecture record: from ROOT/wit_megatron.json, else from the checkpoint's common state."""
+    record = own_record(root, iteration_dir)
+    if record is None:
+        raise CheckpointError(
+            f"{iteration_dir}: no {RECORD} next to it and no architecture record in its common state; "
+            "was it written by this project's converter or training?"
+        )
+    return record
+
+
+def own_record(root: Path, iteration_dir: Path, common: Optional[dict] = None) -> Optional[dict]:
+    """This project's record of the checkpoint, or None if it has none (written elsewhere)."""
     if (root / RECORD).exists():
         try:
             record = json.loads((root / RECORD).read_text())
@@ -180,21 +191,38 @@ def read_record(root: Path, iteration_dir: Path) -> dict:
         if not isinstance(record, dict):
             raise CheckpointError(f"{root / RECORD}: expected a JSON object, found {type(record).__name__}")
         return record
-    common = load_common_state(iteration_dir)
-    if "wit_megatron" not in common:
-        raise CheckpointError(
-            f"{iteration_dir}: no {RECORD} next to it and no architecture record in its common state; "
-            "was it written by this project's converter or training?"
-        )
-    return json.loads(common["wit_megatron"])
+    common = load_common_state(iteration_dir) if common is None else common
+    return json.loads(common["wit_megatron"]) if "wit_megatron" in common else None
+
+
+COMMON_PT = "common.pt"
+COMMON_STATE_OBJECT = "common_state/shard_0_1"  # megatron-core 0.17+: ShardedObject("common_state", (1,), (0,))
 
 
 def load_common_state(iteration_dir: Path) -> dict:
-    """The non-tensor state of a torch_dist checkpoint (args, iteration, record, train state, scheduler)."""
-    from megatron.core import dist_checkpointing
+    """The non-tensor state of a torch_dist checkpoint (args, iteration, record, train state, scheduler):
+    megatron-core 0.16's `common.pt`, or 0.17+'s `common_state` object inside the `.distcp` files (where
+    Megatron-Bridge's saves keep it). Read here, the same way on every megatron-core version, after
+    `check_files` has checked the pickles (megatron-core 0.16 cannot read the second kind)."""
+    import io
 
-    check_files(iteration_dir)
-    return dist_checkpointing.load_common_state_dict(str(iteration_dir))
+    directory = Path(iteration_dir)
+    metadata = check_files(directory)
+    if (directory / COMMON_PT).is_file():
+        state = torch.load(directory / COMMON_PT, map_location="cpu", weights_only=False)
+    else:
+        stored = [(index, info) for index, info in metadata.storage_data.items() if index.fqn == COMMON_STATE_OBJECT]
+        if not stored:
+            return {}  # neither kind: a checkpoint with no common state
+        (_, info), = stored
+        with open(directory / info.relative_path, "rb") as f:
+            f.seek(info.offset)
+            state = torch.load(io.BytesIO(f.read(info.length)), map_location="cpu", weights_only=False)
+    if isinstance(state, list) and len(state) == 1:  # how megatron-core's loader unwraps the object
+        state = state[0]
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{directory}: its common state is a {type(state).__name__}, not a dict")
+    return state
 
 
 @dataclass(frozen=True)
@@ -216,19 +244,32 @@ class Checkpoint:
     @property
     def record_location(self) -> str:
         """Where the record was read from, for error messages."""
+        if "source" in self.record:  # written elsewhere: described by its args, run config or --hf-config
+            return f"{self.directory} ({self.record['source']})"
         return str(self.root / RECORD) if (self.root / RECORD).exists() else f"{self.directory} (the record in its common state)"
 
     @property
     def assets(self) -> Optional[Path]:
-        """The HF tokenizer files and generation config kept with the checkpoint, if any."""
-        path = self.root / ASSETS
+        """The HF tokenizer files and generation config kept with the checkpoint (ours: hf_assets/;
+        Megatron-Bridge's: tokenizer/ in the iteration directory), else those next to --hf-config, if any."""
+        path = Path(self.record["assets"]) if self.record.get("assets") else self.root / ASSETS
         return path if path.is_dir() else None
 
 
-def open_checkpoint(path: Path) -> Checkpoint:
-    """Locate a checkpoint (root or iteration directory) and read its architecture record."""
+def open_checkpoint(path: Path, hf_config: Optional[Path] = None) -> Checkpoint:
+    """Locate a checkpoint (root or iteration directory) and read its architecture: this project's record,
+    or for a checkpoint Megatron-LM or Megatron-Bridge wrote, what its `args` or run config say of the model
+    (wit_megatron/convert/foreign.py). `hf_config` (an HF config.json or its directory) is a template: the
+    HF config export writes, checked against what the checkpoint says, supplying what it does not say."""
+    from wit_megatron.convert import foreign
+
     root, directory = resolve(Path(path))
-    record = read_record(root, directory)
+    common = None if (root / RECORD).exists() else load_common_state(directory)
+    record = own_record(root, directory, common)
+    if record is None:
+        record = foreign.record(root, directory, check_files(directory), common, hf_config)
+    elif hf_config is not None:
+        record = foreign.with_template(record, directory, check_files(directory), hf_config)
     try:
         arch = GPTArch.from_dict(record["arch"])
         dtype = getattr(torch, record["dtype"])

@@ -19,7 +19,11 @@ Megatron-LM stop with "unrecognized arguments" instead of building a different m
 from __future__ import annotations
 
 import argparse
+import enum
+import importlib
+import json
 import math
+from pathlib import Path
 
 import torch
 
@@ -34,10 +38,53 @@ def _head_dim(arch: GPTArch) -> int:
     return arch.kv_channels or arch.hidden_size // arch.num_attention_heads
 
 
+# Megatron-LM's argument parser's defaults, for where the installed megatron-core ships no `megatron.training`
+# (0.16): taken from megatron-core 0.19.2's by `python -m wit_megatron.megatron_lm_args --write-defaults`.
+PARSER_DEFAULTS = Path(__file__).with_name("megatron_lm_parser_defaults.json")
+# The non-JSON default values of that parser, by type: written as {"enum": type, "name": member}.
+_ENUMS = {"AttnBackend": ("megatron.core.transformer.enums", "AttnBackend"), "Signals": ("signal", "Signals")}
+
+
+def parser_defaults() -> dict:
+    """Every option of Megatron-LM's argument parser with its default value: from the installed
+    `megatron.training` (megatron-core 0.17+), else from PARSER_DEFAULTS."""
+    from wit_megatron.runtime.compat import ships_megatron_training
+
+    if ships_megatron_training():
+        from megatron.training.arguments import add_megatron_arguments
+
+        return vars(add_megatron_arguments(argparse.ArgumentParser(allow_abbrev=False)).parse_args([]))
+    defaults = json.loads(PARSER_DEFAULTS.read_text())["defaults"]
+    return {name: _decode(value) for name, value in defaults.items()}
+
+
+def _encode(value):
+    if isinstance(value, enum.Enum):
+        return {"enum": type(value).__name__, "name": value.name}
+    return value
+
+
+def _decode(value):
+    if isinstance(value, dict) and set(value) == {"enum", "name"}:
+        module, name = _ENUMS[value["enum"]]
+        return getattr(getattr(importlib.import_module(module), name), value["name"])
+    return value
+
+
 def megatron_lm_args(arch: GPTArch, dtype: torch.dtype, layout: ParallelLayout = ParallelLayout(),
                      world_size: int = 1) -> argparse.Namespace:
-    """The `args` Megatron-LM stores in a checkpoint (read by `--use-checkpoint-args`): the layout is the
-    one the checkpoint was saved at (a converted checkpoint: one rank)."""
+    """The `args` Megatron-LM stores in a checkpoint, as its own save stores them: every option of its
+    argument parser (`parser_defaults`), with the model's architecture and dtype, and the layout the
+    checkpoint was saved at (a converted checkpoint: one rank). Megatron-LM's `--use-checkpoint-args`
+    and Megatron-Bridge's Megatron-LM checkpoint reader read them."""
+    model = vars(_model_args(arch, dtype, layout, world_size))
+    # Megatron-LM's parser keeps --norm-epsilon and --apply-layernorm-1p under other names (0.19: these).
+    model.update(layernorm_epsilon=model["norm_epsilon"], layernorm_zero_centered_gamma=model["apply_layernorm_1p"])
+    return argparse.Namespace(**{**parser_defaults(), **model})
+
+
+def _model_args(arch: GPTArch, dtype: torch.dtype, layout: ParallelLayout, world_size: int) -> argparse.Namespace:
+    """The options that describe the model, its dtype and layout, as Megatron-LM's validate_args leaves them."""
     windows = None
     if arch.sliding_window is not None and arch.window_layers is not None:
         windows = [int(w) for w in arch.window_layers]
@@ -104,7 +151,7 @@ def megatron_lm_flags(arch: GPTArch) -> list[str]:
     divisible-by 1 gives the checkpoint's rows at every TP the converter allows. Padded rows depend on
     TP in Megatron-LM's rule, so for a padded checkpoint the flag is left to the user (docs/convert.md).
     """
-    args = vars(megatron_lm_args(arch, torch.float32))
+    args = vars(_model_args(arch, torch.float32, ParallelLayout(), 1))
     flags = []
     for name in _VALUED:
         if args[name] is not None:
@@ -154,3 +201,19 @@ def _value(name: str, value) -> str:
     if name == "window_attn_skip_freq":
         return "[" + ",".join(str(v) for v in value) + "]"  # its pattern type evaluates a list expression
     return repr(value) if isinstance(value, float) else str(value)
+
+
+def _write_defaults() -> None:
+    """Rewrite PARSER_DEFAULTS from the installed megatron.training's parser (megatron-core 0.17+)."""
+    from importlib.metadata import version
+
+    defaults = {name: _encode(value) for name, value in sorted(parser_defaults().items())}
+    PARSER_DEFAULTS.write_text(json.dumps({"megatron_core": version("megatron-core"), "defaults": defaults}, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--write-defaults"]:
+        sys.exit(f"usage: python -m wit_megatron.megatron_lm_args --write-defaults  (rewrites {PARSER_DEFAULTS.name})")
+    _write_defaults()

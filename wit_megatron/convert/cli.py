@@ -62,9 +62,16 @@ def hf_to_megatron(argv=None) -> int:
 
 def megatron_to_hf(argv=None) -> int:
     parser = argparse.ArgumentParser(description="Megatron-Core torch_dist checkpoint (converted or saved by training, "
-                                     "any layout) -> Hugging Face safetensors + config + tokenizer.")
+                                     "any layout; written by this project, Megatron-LM or Megatron-Bridge) -> Hugging "
+                                     "Face safetensors + config + tokenizer.")
     parser.add_argument("--megatron", required=True, type=Path, help="checkpoint root or iteration directory")
     parser.add_argument("--out", required=True, type=Path, help="output HF directory (refused if it exists)")
+    parser.add_argument("--hf-config", type=Path, metavar="PATH",
+                        help="the model's HF config.json (or a directory holding it, whose tokenizer files are then "
+                        "copied when the checkpoint has none), written with the weights instead of one made from the "
+                        "checkpoint's own description; checked against every setting and tensor shape the checkpoint "
+                        "states. Needed where the checkpoint does not say enough (a Megatron save with no args or run "
+                        "config, a family other than Llama/Qwen2/Qwen3 saved by Megatron-LM or Megatron-Bridge)")
     parser.add_argument("--max-shard-size-gb", type=positive_float, default=2.0, help="safetensors shard size limit")
     parser.add_argument("--force", action="store_true",
                         help="replace an existing output directory, if it is an HF model this tool exported (or empty)")
@@ -73,7 +80,8 @@ def megatron_to_hf(argv=None) -> int:
     from wit_megatron.convert.mcore_to_hf import convert_megatron_to_hf
 
     return _run(lambda: convert_megatron_to_hf(args.megatron, args.out, force=args.force, dry_run=args.dry_run,
-                                               max_shard_bytes=int(args.max_shard_size_gb * 1024**3)), args.out)
+                                               max_shard_bytes=int(args.max_shard_size_gb * 1024**3),
+                                               hf_config=args.hf_config), args.out)
 
 
 def verify(argv=None) -> int:

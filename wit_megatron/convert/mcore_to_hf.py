@@ -31,10 +31,13 @@ HF_OUTPUT = OutputKind("Hugging Face model", written_by_export)
 
 
 def convert_megatron_to_hf(megatron: Path, out: Path, force: bool = False, dry_run: bool = False,
-                           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True) -> Optional[Path]:
-    """Write an HF model directory `out` from a checkpoint root or iteration directory."""
-    opened = ckpt.open_checkpoint(Path(megatron))
+                           max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, progress: bool = True,
+                           hf_config: Optional[Path] = None) -> Optional[Path]:
+    """Write an HF model directory `out` from a checkpoint root or iteration directory, written by this
+    project, Megatron-LM or Megatron-Bridge; `hf_config` is a template config.json (`ckpt.open_checkpoint`)."""
+    opened = ckpt.open_checkpoint(Path(megatron), hf_config)
     root, directory, arch = opened.root, opened.directory, opened.arch
+    inputs = [root] if hf_config is None else [root, Path(hf_config)]  # what --force never replaces
     out = Path(out)
     hf_config = opened.record.get("hf_config")
     if not isinstance(hf_config, dict) or not hf_config:
@@ -44,7 +47,7 @@ def convert_megatron_to_hf(megatron: Path, out: Path, force: bool = False, dry_r
         )
     _, family = family_for(hf_config)
     if not dry_run:
-        check_output(out, force, [root], HF_OUTPUT)
+        check_output(out, force, inputs, HF_OUTPUT)
 
     reader = TorchDistReader(directory)
     layers = plan(directory, family, arch, reader.tensors)
@@ -57,7 +60,7 @@ def convert_megatron_to_hf(megatron: Path, out: Path, force: bool = False, dry_r
 
     planned = [p for group in layers for item in group for p in item.planned]
     bar = tqdm_bar(sum(map(len, layers)), progress)
-    with atomic_output_dir(out, force, [root], HF_OUTPUT) as tmp:
+    with atomic_output_dir(out, force, inputs, HF_OUTPUT) as tmp:
         writer = StreamingSafetensorsWriter(tmp, planned, max_shard_bytes)
         # One DCP read per layer (per embedding / final-norm / output group), the next one read in a
         # thread while this one is written (file reads and writes release the GIL): resident memory
@@ -83,7 +86,7 @@ def convert_megatron_to_hf(megatron: Path, out: Path, force: bool = False, dry_r
                     bar.update(1)
                 del buffers, hf
         writer.finish()
-        _write_configs(root, tmp, hf_config, planned)
+        _write_configs(opened.assets, tmp, hf_config, planned)
     bar.close()
     return out
 
@@ -116,8 +119,8 @@ def plan(directory: Path, family: Family, arch: GPTArch, stored: dict) -> list[l
     exactly the ones the recorded architecture gives, with its shapes."""
     shapes = megatron_shapes(arch)
     rules = family.rules_for(arch)
-    # A training save also holds the optimizer's state (`optimizer.*` keys): only the model is exported.
-    stored = {key: value for key, value in stored.items() if not key.startswith("optimizer.")}
+    # A training save also holds the optimizer's state, RNG states, ...: only the model is exported.
+    stored = {key: value for key, value in stored.items() if not key.startswith(ckpt.NOT_MODEL_STATE)}
     unclaimed = sorted(set(stored) - {rule.megatron for rule in rules})
     if unclaimed:  # exporting without them would silently drop weights the model was trained with
         raise ConversionError(
@@ -144,14 +147,19 @@ def plan(directory: Path, family: Family, arch: GPTArch, stored: dict) -> list[l
     return [group for group in groups.values() if group]
 
 
-def _write_configs(root: Path, out: Path, hf_config: dict, plans: list[PlannedTensor]) -> None:
-    """The tokenizer files and generation_config.json kept at conversion time, then config.json from the
-    record (its dtype field set to the weights' if they differ): config.json, without which nothing
-    loads the directory, is written last."""
-    assets = root / ckpt.ASSETS
-    if assets.is_dir():
+# Files of an assets directory that are not tokenizer or generation settings (a --hf-config directory
+# may be a whole HF model): never copied.
+NOT_ASSETS = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".distcp")
+
+
+def _write_configs(assets: Optional[Path], out: Path, hf_config: dict, plans: list[PlannedTensor]) -> None:
+    """The tokenizer files and generation_config.json kept with the checkpoint (`Checkpoint.assets`), then
+    config.json from the record (its dtype field set to the weights' if they differ): config.json,
+    without which nothing loads the directory, is written last."""
+    if assets is not None:
         for path in sorted(assets.iterdir()):
-            if path.is_file() and path.name != "config.json":
+            if path.is_file() and path.name not in NOT_ASSETS and not path.name.endswith(WEIGHT_SUFFIXES):
                 shutil.copy2(path, out / path.name)
     config = dict(hf_config)
     weights_dtype = str(plans[0].dtype).removeprefix("torch.")

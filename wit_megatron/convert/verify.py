@@ -7,7 +7,6 @@ a forward-only pipeline schedule; the last stage gathers the vocab-parallel logi
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -18,19 +17,21 @@ from wit_megatron.model import GPTArch, build_model, check_layout, transformer_c
 from wit_megatron.runtime.parallel import ParallelLayout, init_model_parallel
 
 
-def megatron_logits(checkpoint: str, layout: tuple, tokens: torch.Tensor, dtype: torch.dtype = torch.float32) -> dict:
+def megatron_logits(checkpoint: str, layout: tuple, tokens: torch.Tensor, dtype: torch.dtype = torch.float32,
+                    hf_config: Optional[str] = None) -> dict:
     """Logits [b, s, vocab] (padding rows removed) of `tokens` [b, s] at `layout` = (tp, pp, vpp).
 
     Returns {"logits": tensor or None (only the last stage's TP/DP rank 0 holds them),
     "missing": set, "unexpected": set} (checkpoint keys the model lacked / did not request)."""
-    chunks, arch, missing, unexpected = load_model(checkpoint, layout, dtype)
+    chunks, arch, missing, unexpected = load_model(checkpoint, layout, dtype, hf_config)
     return {"logits": model_logits(chunks, arch, tokens), "missing": missing, "unexpected": unexpected}
 
 
-def load_model(checkpoint: str, layout: tuple, dtype: torch.dtype = torch.float32) -> tuple:
+def load_model(checkpoint: str, layout: tuple, dtype: torch.dtype = torch.float32, hf_config: Optional[str] = None) -> tuple:
     """(this rank's model chunks, GPTArch, missing keys, unexpected keys) of a checkpoint loaded at
-    `layout` = (tp, pp, vpp) through megatron-core's dist_checkpointing."""
-    opened = ckpt.open_checkpoint(Path(checkpoint))
+    `layout` = (tp, pp, vpp) through megatron-core's dist_checkpointing (`hf_config`: see
+    `checkpoint.open_checkpoint`)."""
+    opened = ckpt.open_checkpoint(Path(checkpoint), hf_config)
     arch = opened.arch
     layout = ParallelLayout(*layout)
     check_layout(arch, layout)
@@ -131,19 +132,23 @@ def run_verification(hf_dir: Path, checkpoint: Path, layout: tuple) -> dict:
     from wit_megatron.runtime.launch import run_distributed
 
     read_hf_config(hf_dir)  # a directory with a config.json, and no staging directory
-    arch = ckpt.open_checkpoint(Path(checkpoint)).arch
+    # A checkpoint written elsewhere (Megatron-LM, Megatron-Bridge) is read with the HF model's config as
+    # its template: checked against what the checkpoint says, supplying what it does not.
+    root, directory = ckpt.resolve(Path(checkpoint))
+    template = None if ckpt.own_record(root, directory) else str(hf_dir)
+    arch = ckpt.open_checkpoint(Path(checkpoint), template).arch
     check_layout(arch, ParallelLayout(*layout))
     has_tokenizer = any((Path(hf_dir) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
     tokens = default_tokens(arch.tokenizer_vocab_size, tokenizer_dir=hf_dir if has_tokenizer else None)
     per_rank = run_distributed("wit_megatron.convert.verify:_rank_logits", layout[0] * layout[1],
-                               checkpoint=str(checkpoint), layout=layout, tokens=tokens)
+                               checkpoint=str(checkpoint), layout=layout, tokens=tokens, hf_config=template)
     (megatron,) = [r for r in per_rank if r is not None]
     return dict(compare(hf_logits(hf_dir, tokens), megatron, tokens), layout=list(layout), tokens=list(tokens.shape),
                 kernels=in_use())
 
 
-def _rank_logits(checkpoint: str, layout: tuple, tokens: torch.Tensor):
-    result = megatron_logits(checkpoint, layout, tokens)
+def _rank_logits(checkpoint: str, layout: tuple, tokens: torch.Tensor, hf_config: Optional[str] = None):
+    result = megatron_logits(checkpoint, layout, tokens, hf_config=hf_config)
     if result["missing"] or result["unexpected"]:
         raise RuntimeError(f"checkpoint keys missing {sorted(result['missing'])}, unexpected {sorted(result['unexpected'])}")
     return result["logits"]

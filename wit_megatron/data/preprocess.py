@@ -29,10 +29,8 @@ import shutil
 import sys
 import tempfile
 import time
-from collections import Counter
 from dataclasses import asdict, dataclass, field
 from itertools import islice
-from pathlib import Path
 from typing import Iterator, Literal, Optional, Sequence
 
 import numpy as np

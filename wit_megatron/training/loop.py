@@ -13,7 +13,6 @@ import argparse
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
