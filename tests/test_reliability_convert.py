@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import json
 import pickle
 import shutil
 from pathlib import Path
@@ -67,6 +68,22 @@ def plant_in_object(ckpt: Path, marker: Path) -> None:
 
 def plant_in_common(ckpt: Path, marker: Path) -> None:
     torch.save({"args": Payload(marker)}, ckpt / "release/common.pt")
+
+
+def written_elsewhere(ckpt: Path, drop: tuple[str, ...]) -> None:
+    """The checkpoint as another tool's save: no record of ours, Megatron-LM args without `drop`."""
+    (ckpt / "wit_megatron.json").unlink()
+    common = torch.load(ckpt / "release/common.pt", weights_only=False)
+    for name in drop:
+        delattr(common["args"], name)
+    torch.save({"args": common["args"], "iteration": 0}, ckpt / "release/common.pt")
+
+
+def other_model_config(ckpt: Path) -> None:
+    """A config.json of another model (8 heads instead of 4) in {ws}/other."""
+    config = json.loads((HF / "config.json").read_text())
+    (ckpt.parent / "other").mkdir()
+    (ckpt.parent / "other/config.json").write_text(json.dumps(dict(config, num_attention_heads=8)))
 
 
 def truncate(path: Path, keep: int) -> None:
@@ -150,6 +167,25 @@ TABLE = {
                                ("--megatron", "{staging}/release", "--out", "{ws}/new"), 2,
                                "not a complete checkpoint: .hf.wit-staging-0a1b2c3d-4242-1700000000-x is the hidden staging "
                                "directory of a write that has not finished (or was interrupted)"), "staging"),
+    "m2h_foreign_incomplete": (Case(M2H, "a checkpoint written elsewhere whose Megatron-LM args lack the norm and activation",
+                                    ("--megatron", "{ckpt}", "--out", "{ws}/new"), 2,
+                                    "{ckpt}/release: the Megatron-LM args in its common state does not say normalization, "
+                                    "swiglu; give --hf-config DIR"),
+                               lambda ckpt, marker: written_elsewhere(ckpt, ("normalization", "swiglu"))),
+    "m2h_foreign_nothing": (Case(M2H, "a checkpoint written elsewhere with no args, run config or record",
+                                 ("--megatron", "{ckpt}", "--out", "{ws}/new"), 2,
+                                 "{ckpt}/release: no wit_megatron record, no Megatron-LM args in its common state and no "
+                                 "run_config.yaml: nothing says which model it holds; give --hf-config DIR"),
+                            lambda ckpt, marker: ((ckpt / "wit_megatron.json").unlink(),
+                                                  torch.save({"iteration": 0}, ckpt / "release/common.pt"))),
+    "m2h_template_other_model": (Case(M2H, "--hf-config of another model", ("--megatron", "{ckpt}", "--out", "{ws}/new",
+                                                                          "--hf-config", "{ws}/other"), 2,
+                                      "--hf-config {ws}/other/config.json does not describe the checkpoint {ckpt}/release: "
+                                      "num_attention_heads: checkpoint 4, template 8"),
+                                 lambda ckpt, marker: other_model_config(ckpt)),
+    "m2h_template_missing": (Case(M2H, "--hf-config that does not exist", ("--megatron", "{ckpt}", "--out", "{ws}/new",
+                                                                          "--hf-config", "{ws}/nowhere"), 2,
+                                  "--hf-config {ws}/nowhere: no such file"), None),
     "m2h_shard_size": (Case(M2H, "--max-shard-size-gb 0", ("--megatron", "{ckpt}", "--out", "{ws}/new", "--max-shard-size-gb",
                                                            "0"), 2, "argument --max-shard-size-gb: must be finite and > 0.0, got 0"),
                        None),
