@@ -113,3 +113,33 @@ def test_megatron_lm_args_alone_give_the_hf_config(tmp_path):
     for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
                 "vocab_size", "rms_norm_eps", "attention_bias", "mlp_bias", "tie_word_embeddings", "head_dim"):
         assert getattr(written, key) == getattr(original, key), key
+
+
+BRIDGE = ROOT / "tests/fixtures/megatron_bridge/llama_tiny"
+
+
+def test_megatron_bridge_save_exports_to_the_original_weights(tmp_path):
+    """Megatron-Bridge 0.6.2's save of a tiny random Llama (its own layout: `iter_0000000/` with
+    run_config.yaml, the common state inside the .distcp file, no common.pt; made by
+    tests/fixtures/megatron_bridge/make_fixture.py with Bridge's AutoBridge on CPU): exported from its run
+    config alone, and from its iteration directory with the HF config as template, it is the HF model
+    Bridge converted, bitwise; the verify tool compares it with that model."""
+    from transformers import AutoConfig
+
+    assert not (BRIDGE / "bridge/iter_0000000/common.pt").exists() and (BRIDGE / "bridge/iter_0000000/run_config.yaml").is_file()
+    done = export(BRIDGE / "bridge", tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert_same_weights(BRIDGE / "hf", tmp_path / "out")
+    original, written = AutoConfig.from_pretrained(BRIDGE / "hf"), AutoConfig.from_pretrained(tmp_path / "out")
+    original, written = original.to_diff_dict(), written.to_diff_dict()
+    original.pop("transformers_version"), written.pop("transformers_version")
+    assert original == written
+
+    templated = export(BRIDGE / "bridge/iter_0000000", tmp_path / "templated", "--hf-config", str(BRIDGE / "hf"))
+    assert templated.returncode == 0, templated.stderr[-3000:]
+    assert_same_weights(BRIDGE / "hf", tmp_path / "templated")
+    assert (tmp_path / "templated/generation_config.json").is_file()  # from the template's directory
+
+    verify = subprocess.run([sys.executable, str(ROOT / "tools/verify_conversion.py"), "--hf", str(BRIDGE / "hf"),
+                             "--megatron", str(BRIDGE / "bridge")], capture_output=True, text=True, cwd=ROOT)
+    assert verify.returncode == 0 and json.loads(verify.stdout)["max_abs_diff"] <= 1e-4, verify.stderr[-3000:]

@@ -484,11 +484,30 @@ def _load(directory: Path, request: dict) -> tuple[dict, set, set]:
     check_files(directory)
     # One load for all chunks, as Megatron-LM does: the access check counts every layer of the
     # stacked tensors across all chunks and ranks.
-    state, not_requested, absent = dist_checkpointing.load(request, str(directory), strict=StrictHandling.RETURN_ALL)
+    state, not_requested, absent = dist_checkpointing.load(request, str(directory), strict=StrictHandling.RETURN_ALL,
+                                                           common_strategy=_common_state_strategy(directory))
     # megatron-core's names are the other way round: its "unexpected" keys are requested but absent
     # from the checkpoint, its "missing" keys are in the checkpoint but requested by no rank.
     model_keys = {k for k in not_requested if not k.startswith(NOT_MODEL_STATE)}
     return state, set(absent), model_keys
+
+
+def _common_state_strategy(directory: Path):
+    """None (megatron-core's own), except where megatron-core knows only common.pt (0.16) and the checkpoint
+    keeps its common state in the .distcp files (megatron-core 0.17+, Megatron-Bridge): then a strategy
+    that reads it as `load_common_state` does."""
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
+
+    from wit_megatron.runtime.compat import megatron_core_version
+
+    if (Path(directory) / COMMON_PT).is_file() or megatron_core_version() >= (0, 17):
+        return None
+
+    class CommonStateInFiles(TorchCommonLoadStrategy):
+        def load_common(self, checkpoint_dir):
+            return load_common_state(Path(checkpoint_dir))
+
+    return CommonStateInFiles()
 
 
 def _load_models(models: Sequence[torch.nn.Module], state: dict) -> None:
