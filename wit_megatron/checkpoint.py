@@ -496,12 +496,11 @@ def _common_state_strategy(directory: Path):
     """None (megatron-core's own), except where megatron-core knows only common.pt (0.16) and the checkpoint
     keeps its common state in the .distcp files (megatron-core 0.17+, Megatron-Bridge): then a strategy
     that reads it as `load_common_state` does."""
-    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy
-
     from wit_megatron.runtime.compat import megatron_core_version
 
     if (Path(directory) / COMMON_PT).is_file() or megatron_core_version() >= (0, 17):
         return None
+    from megatron.core.dist_checkpointing.strategies.common import TorchCommonLoadStrategy  # 0.16's name
 
     class CommonStateInFiles(TorchCommonLoadStrategy):
         def load_common(self, checkpoint_dir):

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -254,6 +255,14 @@ def _as_description(arch: GPTArch) -> dict:
     }
 
 
+def _same(stated, template) -> bool:
+    """Equal, floats within float32 rounding: an ε or RoPE base that passed through float32 on one side
+    (a GGUF-made config.json holds 9.999999747378752e-06 for 1e-05) is the same setting."""
+    if isinstance(stated, float) and isinstance(template, float):
+        return math.isclose(stated, template, rel_tol=1e-6)
+    return stated == template
+
+
 def check_description(description: Description, arch: GPTArch, template_file: Path, where: Path) -> None:
     """Refuse a template whose architecture differs from anything the checkpoint states, naming each field."""
     template = _as_description(arch)
@@ -262,7 +271,7 @@ def check_description(description: Description, arch: GPTArch, template_file: Pa
     if stated.get("kv_channels") is None and stated.get("hidden_size") and stated.get("num_attention_heads"):
         stated["kv_channels"] = stated["hidden_size"] // stated["num_attention_heads"]  # Megatron's default head dim
     differ = [f"{description.names.get(name, name)}: checkpoint {value!r}, template {template[name]!r}"
-              for name, value in stated.items() if name in template and value is not None and value != template[name]]
+              for name, value in stated.items() if name in template and value is not None and not _same(value, template[name])]
     if differ:
         raise ConversionError(f"--hf-config {template_file} does not describe the checkpoint {where} ({description.source}): "
                               f"{'; '.join(differ)}")
