@@ -20,10 +20,11 @@ import importlib.machinery
 import sys
 import types
 
-INSTALL = ("pip install --no-deps megatron-bridge==0.6.2 nvidia-modelopt && pip install einops omegaconf ninja "
-           "nvidia-ml-py pulp scipy megatron-energon tensorboard && pip install --no-deps --target PEER_OVERLAY "
-           "transformers==5.12.1 tokenizers==0.22.2 && pip install --target PEER_OVERLAY httpx 'huggingface-hub>=1.5,<2'  "
-           "(Python >= 3.12, megatron-core 0.19; run with PYTHONPATH=PEER_OVERLAY)")
+INSTALL = ("pip install --target PEER_OVERLAY --no-deps megatron-bridge==0.6.2 nvidia-modelopt 'pulp<4' einops omegaconf "
+           "ninja nvidia-ml-py scipy megatron-energon transformers==5.12.1 tokenizers==0.22.2 httpx 'httpcore==1.*' "
+           "'huggingface-hub>=1.5,<2' kernels==0.13.0 multi-storage-client braceexpand filetype mfusepy rapidyaml "
+           "webdataset xattr cffi pycparser lark wcmatch bracex opentelemetry-api deprecation  "
+           "(Python >= 3.12, megatron-core 0.19; run with PYTHONPATH=PEER_OVERLAY; docs/convert.md, 'Peer converter')")
 # Imported before the stand-in exists, so that they decide "no Transformer Engine" for good.
 IMPORT_WITHOUT_TE = ("megatron.core", "megatron.core.models.gpt.gpt_layer_specs",
                      "megatron.core.models.hybrid.hybrid_layer_specs", "modelopt.torch")
