@@ -43,7 +43,6 @@ FIXES = {
     "iter-dir": "pass CKPT/<iteration dir> (Bridge looks only for iter_* folders; ours is Megatron-LM's release/)",
     "te-off": "args: TE fusions off, transformer_impl local (no Transformer Engine on CPU; as import_hf's provider)",
     "model-type": "model_type='gpt' (AutoBridge.load_megatron_model passes none; a Megatron-LM checkpoint needs it)",
-    "tokenizer": "args.tokenizer_type/_model = HuggingFaceTokenizer, CKPT/hf_assets (Bridge sizes the vocab from it)",
 }
 TE_OFF = dict(apply_rope_fusion=False, gradient_accumulation_fusion=False, masked_softmax_fusion=False,
               bias_swiglu_fusion=False, bias_gelu_fusion=False, bias_dropout_fusion=False,
@@ -78,11 +77,9 @@ def peer_export(hf: str, ckpt: str, out: str, fixes: list[str]) -> None:
         args = read_args(path)
         if "te-off" in fixes:
             vars(args).update(TE_OFF)
-        if "tokenizer" in fixes:
-            vars(args).update(tokenizer_type="HuggingFaceTokenizer", tokenizer_model=str(Path(ckpt) / "hf_assets"))
         return args
 
-    if {"te-off", "tokenizer"} & set(fixes):
+    if "te-off" in fixes:
         mlm_compat._load_args_from_checkpoint = patched_args
     if "model-type" in fixes:
         load_save.load_megatron_model = lambda *a, **kw: load(*a, **{**kw, "model_type": "gpt"})

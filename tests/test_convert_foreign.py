@@ -19,6 +19,7 @@ import torch
 
 from tests.convert_models import build, safetensors_of
 from wit_megatron.megatron_lm_args import PARSER_DEFAULTS, parser_defaults
+from wit_megatron.runtime import compat
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -64,6 +65,8 @@ def test_stored_args_hold_every_option_of_megatron_lm_parser(tmp_path):
     assert args.kv_channels == 16 and args.normalization == "RMSNorm" and args.swiglu is True
     snapshot = json.loads(PARSER_DEFAULTS.read_text())["defaults"]
     assert set(snapshot) <= set(vars(args))
+    if compat.ships_megatron_training():  # the snapshot (used on 0.16) is the installed parser's option set
+        assert set(snapshot) == set(defaults)
 
 
 def test_a_checkpoint_that_does_not_say_enough_is_refused_naming_the_fields(tmp_path):
@@ -143,3 +146,16 @@ def test_megatron_bridge_save_exports_to_the_original_weights(tmp_path):
     verify = subprocess.run([sys.executable, str(ROOT / "tools/verify_conversion.py"), "--hf", str(BRIDGE / "hf"),
                              "--megatron", str(BRIDGE / "bridge")], capture_output=True, text=True, cwd=ROOT)
     assert verify.returncode == 0 and json.loads(verify.stdout)["max_abs_diff"] <= 1e-4, verify.stderr[-3000:]
+
+
+def test_stored_vocabulary_divisor_gives_the_stored_rows_at_tp1():
+    """Megatron-LM pads its tokenizer's size up to a multiple of make_vocab_size_divisible_by x TP: the
+    stored value gives the checkpoint's rows (1 without padding rows)."""
+    from wit_megatron.megatron_lm_args import vocab_divisor
+    from wit_megatron.model import GPTArch
+
+    for vocab, rows in ((100, 100), (100, 128), (49152, 49152), (151665, 151936), (32001, 32064)):
+        arch = GPTArch(vocab_size=rows, num_layers=1, hidden_size=8, num_attention_heads=2, num_query_groups=2,
+                       ffn_hidden_size=8, max_position_embeddings=8, unpadded_vocab_size=None if rows == vocab else vocab)
+        d = vocab_divisor(arch)
+        assert -(-vocab // d) * d == rows and (d == 1) == (rows == vocab), (vocab, rows, d)

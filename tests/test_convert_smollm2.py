@@ -39,3 +39,33 @@ def test_smollm2_round_trip_and_logits(tmp_path):
         diff = (logits - reference).abs().max().item()
         assert diff <= 1e-4, (layout, diff)
         assert torch.equal(logits.argmax(-1), reference.argmax(-1)), layout
+
+
+def test_smollm2_exported_as_a_checkpoint_written_elsewhere(tmp_path):
+    """The converted SmolLM2 without our record (as Megatron-LM or another tool would hold it: only the
+    Megatron-LM args, which name its tokenizer directory as Megatron-LM does): export gives the original
+    weights bitwise, and the config.json written from the args has the original sizes and its tokenizer's
+    bos/eos/pad ids (which generation reads from there)."""
+    import json
+    import shutil
+
+    from transformers import AutoConfig
+
+    from tests.test_convert_foreign import convert, export, foreign_copy
+
+    hf = smollm2_dir()
+    converted = convert(hf, tmp_path / "converted")
+    args = torch.load(converted / "release" / "common.pt", weights_only=False)["args"]
+    assert (args.tokenizer_type, args.tokenizer_model) == ("HuggingFaceTokenizer", str((converted / "hf_assets").resolve()))
+    assert args.make_vocab_size_divisible_by == 1 and args.padded_vocab_size == 49152
+    foreign = foreign_copy(converted, tmp_path / "foreign", {"args": args, "iteration": 0})
+    shutil.copytree(converted / "hf_assets", foreign / "hf_assets")
+    done = export(foreign, tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-3000:]
+    original, exported = safetensors_of(hf), safetensors_of(tmp_path / "out")
+    assert sorted(exported) == sorted(original) and all(torch.equal(exported[k], v) for k, v in original.items())
+    want, got = AutoConfig.from_pretrained(hf), AutoConfig.from_pretrained(tmp_path / "out")
+    for key in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads",
+                "vocab_size", "tie_word_embeddings", "bos_token_id", "eos_token_id", "pad_token_id"):
+        assert getattr(got, key) == getattr(want, key), key
+    assert json.loads((tmp_path / "out/config.json").read_text())["rope_parameters"]["rope_theta"] == 100000.0

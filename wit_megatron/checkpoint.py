@@ -304,8 +304,13 @@ def make_record(family: str, arch: GPTArch, dtype: torch.dtype, hf_config: Optio
 
 
 def common_state(record: dict, arch: GPTArch, dtype: torch.dtype, iteration: Optional[int],
-                 layout: ParallelLayout = ParallelLayout(), world_size: int = 1, **args_extra) -> dict:
+                 layout: ParallelLayout = ParallelLayout(), world_size: int = 1, tokenizer: Optional[Path] = None,
+                 **args_extra) -> dict:
+    """The common state of a save; `tokenizer`: the HF tokenizer directory kept with the checkpoint, named in
+    `args` as Megatron-LM names its tokenizer (Megatron-Bridge's Megatron-LM reader builds it from there)."""
     args = megatron_lm_args(arch, dtype, layout, world_size)
+    if tokenizer is not None:
+        args.tokenizer_type, args.tokenizer_model = "HuggingFaceTokenizer", str(Path(tokenizer).resolve())
     for name, value in args_extra.items():
         setattr(args, name, value)
     return {
@@ -437,8 +442,9 @@ def save(
     if train_state is not None:
         extra = {"consumed_train_samples": train_state["consumed_train_samples"],
                  "consumed_valid_samples": train_state.get("consumed_valid_samples", 0)}
+    tokenizer = root / ASSETS if assets is not None or (root / ASSETS).is_dir() else None
     state = common_state(record, GPTArch.from_dict(record["arch"]), models[0].config.params_dtype, iteration, layout,
-                         torch.distributed.get_world_size(), **extra)
+                         torch.distributed.get_world_size(), tokenizer, **extra)
     state.update(_model_state(models))
     if optimizer is not None:
         state["optimizer"] = optimizer.sharded_state_dict(state, metadata=dict(CONTENT_METADATA))

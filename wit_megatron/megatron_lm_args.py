@@ -79,7 +79,8 @@ def megatron_lm_args(arch: GPTArch, dtype: torch.dtype, layout: ParallelLayout =
     and Megatron-Bridge's Megatron-LM checkpoint reader read them."""
     model = vars(_model_args(arch, dtype, layout, world_size))
     # Megatron-LM's parser keeps --norm-epsilon and --apply-layernorm-1p under other names (0.19: these).
-    model.update(layernorm_epsilon=model["norm_epsilon"], layernorm_zero_centered_gamma=model["apply_layernorm_1p"])
+    model.update(layernorm_epsilon=model["norm_epsilon"], layernorm_zero_centered_gamma=model["apply_layernorm_1p"],
+                 make_vocab_size_divisible_by=vocab_divisor(arch))
     return argparse.Namespace(**{**parser_defaults(), **model})
 
 
@@ -107,6 +108,13 @@ def _model_args(arch: GPTArch, dtype: torch.dtype, layout: ParallelLayout, world
         data_parallel_size=layout.data_parallel_size(world_size), ckpt_format="torch_dist",
         params_dtype=dtype, bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,
     )
+
+
+def vocab_divisor(arch: GPTArch) -> int:
+    """The smallest `--make-vocab-size-divisible-by` with which Megatron-LM's rule (the tokenizer's size rounded
+    up to a multiple of it x TP) gives the checkpoint's rows at TP 1: 1 without padding rows."""
+    vocab, rows = arch.tokenizer_vocab_size, arch.vocab_size
+    return next(d for d in range(1, rows + 1) if rows % d == 0 and -(-vocab // d) * d == rows)
 
 
 def megatron_lm_gaps(arch: GPTArch) -> list[str]:

@@ -200,7 +200,7 @@ def hf_config_from_arch(arch: GPTArch, dtype: str, where: Path) -> dict:
         values.update(attention_bias=arch.add_bias_linear)
     if name == "LlamaForCausalLM":
         values.update(mlp_bias=arch.add_bias_linear)
-    config = transformers.AutoConfig.for_model(MODEL_TYPES[name], **values).to_dict()
+    config = transformers.AutoConfig.for_model(MODEL_TYPES[name], **values).to_diff_dict()  # as save_pretrained writes it
     config["architectures"] = [name]
     config = json.loads(json.dumps(config))  # as config.json holds it
     back = arch_from_hf_config(family, config)
@@ -210,6 +210,21 @@ def hf_config_from_arch(arch: GPTArch, dtype: str, where: Path) -> dict:
         raise ConversionError(f"{where}: the {name} config written for this checkpoint reads back differently "
                               f"({', '.join(f'{k}: {a!r} -> {b!r}' for k, (a, b) in differ.items())}); {HF_CONFIG_HELP}")
     return config
+
+
+def special_token_ids(tokenizer_dir: Path) -> dict:
+    """bos/eos/pad token ids of the HF tokenizer in `tokenizer_dir` (those it defines), for a config.json
+    written from a checkpoint's description: generation reads them from there."""
+    if not any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+        return {}
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+    except (OSError, ValueError) as e:
+        raise ConversionError(f"{tokenizer_dir}: the checkpoint's tokenizer does not load ({e})") from None
+    ids = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id") for name in ("bos", "eos", "pad")}
+    return {key: value for key, value in ids.items() if value is not None}
 
 
 def read_template(path: Path) -> tuple[dict, Path]:
@@ -319,6 +334,8 @@ def record(root: Path, directory: Path, metadata, common: dict, hf_config: Optio
         assets = bridge_tokenizer
     elif (root / ckpt.ASSETS).is_dir():
         assets = root / ckpt.ASSETS
+    if hf_config is None and assets is not None:
+        config.update(special_token_ids(assets))
     family, _ = family_for(config)
     return {"format": ckpt.RECORD_FORMAT, "family": family, "dtype": dtype, "arch": arch.to_dict(), "hf_config": config,
             "source": source, "assets": None if assets is None else str(assets)}

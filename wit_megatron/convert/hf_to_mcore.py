@@ -142,6 +142,9 @@ def describe(steps: list[Step], reader: SafetensorsReader, arch: GPTArch) -> str
     return "\n".join(lines)
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+
+
 def copy_assets(hf_dir: Path, dest: Path) -> None:
     """Tokenizer files, generation_config.json and the like: every small non-weight file."""
     dest.mkdir(parents=True, exist_ok=True)
@@ -199,7 +202,8 @@ def convert_hf_to_megatron(hf_dir: Path, out: Path, dtype: Optional[str] = None,
     bar.close()
 
     record = dict(ckpt.make_record(family_name, arch, model_dtype, config), layer_spec=layer_spec)
-    state = ckpt.common_state(record, arch, model_dtype, None)
+    has_tokenizer = any((hf_dir / name).is_file() for name in TOKENIZER_FILES)
+    state = ckpt.common_state(record, arch, model_dtype, None, tokenizer=out / ckpt.ASSETS if has_tokenizer else None)
     state["model"] = sharded
     from wit_megatron.runtime.compat import save_distributed_checkpoint
 
