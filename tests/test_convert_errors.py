@@ -442,12 +442,20 @@ def test_megatron_checkpoint_without_its_record_or_hf_config(tmp_path, capsys):
     (checkpoint / "wit_megatron.json").unlink()
     assert cli_module.megatron_to_hf(["--megatron", str(checkpoint), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
     assert "-> model.layers.3.mlp.down_proj.weight [32, 48] (copy)" in capsys.readouterr().out
+    # Without the record anywhere, the Megatron-LM args in the common state describe the model (as they do
+    # Megatron-LM's own saves: docs/convert.md); without those either, nothing does.
     common = torch.load(checkpoint / "release/common.pt", weights_only=False)
     del common["wit_megatron"]
     torch.save(common, checkpoint / "release/common.pt")
+    assert cli_module.megatron_to_hf(["--megatron", str(checkpoint), "--out", str(tmp_path / "out"), "--dry-run"]) == 0
+    assert "-> model.layers.3.mlp.down_proj.weight [32, 48] (copy)" in capsys.readouterr().out
+    del common["args"]
+    torch.save(common, checkpoint / "release/common.pt")
     assert refused_by_cli(capsys, "megatron_to_hf", "--megatron", str(checkpoint), "--out", str(tmp_path / "out")) == (
-        f"{checkpoint / 'release'}: no wit_megatron.json next to it and no architecture record in its common state; "
-        "was it written by this project's converter or training?")
+        f"{checkpoint / 'release'}: no wit_megatron record, no Megatron-LM args in its common state and no "
+        "run_config.yaml: nothing says which model it holds; give --hf-config DIR (the model's Hugging Face config.json, "
+        "or its directory, e.g. the one it was converted from): the export takes the missing settings from it and "
+        "checks every other one, and every tensor shape, against the checkpoint")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint"]
 
 
