@@ -158,7 +158,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--hf", type=Path, required=True)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/wit-interop"))
-    parser.add_argument("--peer-python", default="/work/main/.venv312/bin/python")
+    parser.add_argument("--peer-python", default=str(ROOT / ".venv312/bin/python"))
     parser.add_argument("--peer-pythonpath", default="/work/peer-overlay")
     parser.add_argument("--skip-bridge-import", action="store_true", help="reuse --bridge-save instead of step 1")
     parser.add_argument("--bridge-save", type=Path, help="Bridge's save of --hf (default WORKDIR/bridge-save)")
