@@ -490,8 +490,9 @@ def _load(directory: Path, request: dict) -> tuple[dict, set, set]:
     check_files(directory)
     # One load for all chunks, as Megatron-LM does: the access check counts every layer of the
     # stacked tensors across all chunks and ranks.
+    common = _common_state_strategy(directory)  # megatron-core 0.17+'s load takes none: it reads both layouts
     state, not_requested, absent = dist_checkpointing.load(request, str(directory), strict=StrictHandling.RETURN_ALL,
-                                                           common_strategy=_common_state_strategy(directory))
+                                                           **({} if common is None else {"common_strategy": common}))
     # megatron-core's names are the other way round: its "unexpected" keys are requested but absent
     # from the checkpoint, its "missing" keys are in the checkpoint but requested by no rank.
     model_keys = {k for k in not_requested if not k.startswith(NOT_MODEL_STATE)}
