@@ -40,6 +40,7 @@ class _Run:
     complete = False
     deferring = False  # inside `deferred`: a signal waits in `pending`
     pending: Optional[int] = None
+    pid: Optional[int] = None  # the process whose tool this is (forked children inherit the handler)
 
 
 _parent_pid: Optional[int] = None
@@ -53,7 +54,7 @@ def stop_on_signals(output: Optional[str] = None) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    _Run.output, _Run.cleanups, _Run.complete, _Run.pending = output, [], False, None
+    _Run.output, _Run.cleanups, _Run.complete, _Run.pending, _Run.pid = output, [], False, None, os.getpid()
     previous = {signum: signal.signal(signum, _stop) for signum in SIGNALS}
     try:
         yield
@@ -100,6 +101,11 @@ def message(signum: int) -> str:
 
 
 def _stop(signum, frame) -> None:
+    if os.getpid() != _Run.pid:
+        # A forked child (a pool worker, a checkpoint writer) inherits this handler and the tool's state, and
+        # gets the signal too when the whole process group does (Ctrl-C, Slurm) or from Pool.terminate():
+        # it ends without running the tool's clean-ups (they remove the tool's staging) or speaking for it.
+        os._exit(128 + signum)
     if _Run.deferring:
         _Run.pending = signum
         return
