@@ -35,7 +35,7 @@ HF_CONFIG_HELP = ("give --hf-config DIR (the model's Hugging Face config.json, o
 # Description keys (megatron-core TransformerConfig / Megatron-LM words) whose absence means the
 # checkpoint does not describe the model: the sizes, and what decides the layer's numerics.
 REQUIRED = ("num_layers", "hidden_size", "num_attention_heads", "ffn_hidden_size", "normalization", "norm_epsilon",
-            "gated_silu", "position_embedding_type", "rotary_base", "tie_embeddings")
+            "gated_silu", "position_embedding_type", "rotary_base", "tie_embeddings", "max_position_embeddings")
 # What the Llama-like families need of the rest; another value is a model this exporter has no table for.
 SUPPORTED = {"normalization": "RMSNorm", "gated_silu": True, "position_embedding_type": "rope", "rotary_percent": 1.0,
              "layernorm_1p": False, "num_experts": None, "multi_latent_attention": False}
@@ -60,7 +60,7 @@ class Description:
 MEGATRON_LM_NAMES = {"gated_silu": "swiglu", "tie_embeddings": "untie_embeddings_and_output_weights",
                      "norm_epsilon": "layernorm_epsilon (--norm-epsilon)"}
 BRIDGE_NAMES = {"gated_silu": "gated_linear_unit and activation_func", "norm_epsilon": "layernorm_epsilon",
-                "tie_embeddings": "share_embeddings_and_output_weights"}
+                "tie_embeddings": "share_embeddings_and_output_weights", "max_position_embeddings": "seq_length"}
 
 
 _ABSENT = object()
@@ -159,7 +159,7 @@ def arch_from_description(description: Description, embedding_rows: int, where: 
         return GPTArch(
             vocab_size=embedding_rows, num_layers=fields["num_layers"], hidden_size=hidden, num_attention_heads=heads,
             num_query_groups=fields["num_query_groups"], ffn_hidden_size=fields["ffn_hidden_size"],
-            max_position_embeddings=fields.get("max_position_embeddings") or 4096,
+            max_position_embeddings=fields["max_position_embeddings"],
             rotary_base=float(fields["rotary_base"]), norm_epsilon=float(fields["norm_epsilon"]),
             tie_embeddings=fields["tie_embeddings"], add_qkv_bias=fields["add_qkv_bias"] and not fields["add_bias_linear"],
             qk_layernorm=fields["qk_layernorm"], kv_channels=None if kv_channels in (None, hidden // heads) else kv_channels,
