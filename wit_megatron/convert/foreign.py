@@ -215,7 +215,9 @@ def hf_config_from_arch(arch: GPTArch, dtype: str, where: Path) -> dict:
 def special_token_ids(tokenizer_dir: Path) -> dict:
     """bos/eos/pad token ids of the HF tokenizer in `tokenizer_dir` (those it defines), for a config.json
     written from a checkpoint's description: generation reads them from there."""
-    if not any((tokenizer_dir / name).is_file() for name in ("tokenizer.json", "tokenizer.model", "vocab.json")):
+    from wit_megatron.convert.hf_to_mcore import has_tokenizer
+
+    if not has_tokenizer(tokenizer_dir):
         return {}
     from transformers import AutoTokenizer
 

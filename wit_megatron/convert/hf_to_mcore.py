@@ -33,7 +33,7 @@ from wit_megatron.model import GPTArch
 from wit_megatron.output import OutputKind, atomic_output_dir, check_output
 from wit_megatron.runtime.parallel import init_single_process
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".distcp")
 # Buffers some HF checkpoints carry that are recomputed from the config, not weights.
 IGNORED_HF_TENSORS = ("rotary_emb.inv_freq",)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -142,14 +142,22 @@ def describe(steps: list[Step], reader: SafetensorsReader, arch: GPTArch) -> str
     return "\n".join(lines)
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "tokenizer_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # any one of them makes a tokenizer
+
+
+def has_tokenizer(directory: Path) -> bool:
+    return any((Path(directory) / name).is_file() for name in TOKENIZER_FILES)
+
+
+def is_asset(path: Path) -> bool:
+    """A tokenizer file, generation_config.json or the like: every small non-weight file of an HF model directory."""
+    return path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and not path.name.endswith(".index.json")
 
 
 def copy_assets(hf_dir: Path, dest: Path) -> None:
-    """Tokenizer files, generation_config.json and the like: every small non-weight file."""
     dest.mkdir(parents=True, exist_ok=True)
     for path in sorted(Path(hf_dir).iterdir()):
-        if path.is_file() and not path.name.endswith(WEIGHT_SUFFIXES) and not path.name.endswith(".index.json"):
+        if is_asset(path):
             shutil.copy2(path, dest / path.name)
 
 
@@ -202,8 +210,7 @@ def convert_hf_to_megatron(hf_dir: Path, out: Path, dtype: Optional[str] = None,
     bar.close()
 
     record = dict(ckpt.make_record(family_name, arch, model_dtype, config), layer_spec=layer_spec)
-    has_tokenizer = any((hf_dir / name).is_file() for name in TOKENIZER_FILES)
-    state = ckpt.common_state(record, arch, model_dtype, None, tokenizer=out / ckpt.ASSETS if has_tokenizer else None)
+    state = ckpt.common_state(record, arch, model_dtype, None, tokenizer=out / ckpt.ASSETS if has_tokenizer(hf_dir) else None)
     state["model"] = sharded
     from wit_megatron.runtime.compat import save_distributed_checkpoint
 

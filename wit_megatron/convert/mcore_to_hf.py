@@ -20,6 +20,7 @@ import torch
 
 from wit_megatron import checkpoint as ckpt
 from wit_megatron.convert.families import Family, Rule, family_for, hf_shapes, megatron_shapes
+from wit_megatron.convert.hf_to_mcore import is_asset
 from wit_megatron.convert.safetensors_io import PlannedTensor, StreamingSafetensorsWriter, written_by_export
 from wit_megatron.convert.torch_dist_reader import TorchDistReader
 from wit_megatron.convert.transforms import ConversionError
@@ -147,19 +148,14 @@ def plan(directory: Path, family: Family, arch: GPTArch, stored: dict) -> list[l
     return [group for group in groups.values() if group]
 
 
-# Files of an assets directory that are not tokenizer or generation settings (a --hf-config directory
-# may be a whole HF model): never copied.
-NOT_ASSETS = ("config.json", "model.safetensors.index.json", "pytorch_model.bin.index.json")
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".distcp")
-
-
 def _write_configs(assets: Optional[Path], out: Path, hf_config: dict, plans: list[PlannedTensor]) -> None:
     """The tokenizer files and generation_config.json kept with the checkpoint (`Checkpoint.assets`), then
     config.json from the record (its dtype field set to the weights' if they differ): config.json,
     without which nothing loads the directory, is written last."""
     if assets is not None:
         for path in sorted(assets.iterdir()):
-            if path.is_file() and path.name not in NOT_ASSETS and not path.name.endswith(WEIGHT_SUFFIXES):
+            # a --hf-config directory may be a whole HF model: its weights and config.json are not assets
+            if is_asset(path) and path.name != "config.json":
                 shutil.copy2(path, out / path.name)
     config = dict(hf_config)
     weights_dtype = str(plans[0].dtype).removeprefix("torch.")

@@ -127,7 +127,7 @@ def default_tokens(vocab: int, batch: int = 2, seq: int = 16, seed: int = 0, tok
 
 def run_verification(hf_dir: Path, checkpoint: Path, layout: tuple) -> dict:
     """HF logits here, Megatron logits on tp·pp local gloo ranks (CPU), compared on a few prompts."""
-    from wit_megatron.convert.hf_to_mcore import read_hf_config
+    from wit_megatron.convert.hf_to_mcore import has_tokenizer, read_hf_config
     from wit_megatron.runtime.kernels import in_use
     from wit_megatron.runtime.launch import run_distributed
 
@@ -138,8 +138,7 @@ def run_verification(hf_dir: Path, checkpoint: Path, layout: tuple) -> dict:
     template = None if ckpt.own_record(root, directory) else str(hf_dir)
     arch = ckpt.open_checkpoint(Path(checkpoint), template).arch
     check_layout(arch, ParallelLayout(*layout))
-    has_tokenizer = any((Path(hf_dir) / f).exists() for f in ("tokenizer.json", "tokenizer.model", "vocab.json"))
-    tokens = default_tokens(arch.tokenizer_vocab_size, tokenizer_dir=hf_dir if has_tokenizer else None)
+    tokens = default_tokens(arch.tokenizer_vocab_size, tokenizer_dir=hf_dir if has_tokenizer(hf_dir) else None)
     per_rank = run_distributed("wit_megatron.convert.verify:_rank_logits", layout[0] * layout[1],
                                checkpoint=str(checkpoint), layout=layout, tokens=tokens, hf_config=template)
     (megatron,) = [r for r in per_rank if r is not None]
