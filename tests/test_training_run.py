@@ -3,7 +3,8 @@
 Proven here, against independent references and uninterrupted runs:
 - iteration 1's logged `lm loss` and the validation losses equal transformers' forward on the same
   samples with the paper's formula (real SmolLM2-135M at tp1pp1 dp6 with the distributed optimizer and
-  at tp3pp2; a tiny model at tp2pp2 with a virtual pipeline, packed; a tiny Gemma-2 at tp2pp2, packed, whose run then exports to HF);
+  at tp3pp2; a tiny model at tp2pp2 with a virtual pipeline, packed; a tiny Gemma-2 at tp2pp2, packed,
+  whose run then exports to HF);
 - a run stopped after iteration k (--exit-interval, SIGTERM) and resumed gives bitwise the losses and
   weights of the uninterrupted run: plain optimizer with packing, distributed optimizer without packing
   across an epoch boundary;
