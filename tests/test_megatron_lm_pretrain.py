@@ -9,7 +9,9 @@ Proven here:
   equals transformers' forward on the same samples with the paper's formula to 1e-5 (the grad norm of
   Σ w·NLL / N to 1e-4);
 - `--finetune` from the converted checkpoint, a `--save-interval` save, a stop (`--exit-interval`) and a
-  resume from that save that continues with the uninterrupted run's losses;
+  resume from that save that continues with the uninterrupted run's losses; the resume runs the chunked
+  output layer (`--wit-loss-impl chunked`, 64-token chunks: logits recomputed in the backward pass), so
+  its losses and grad norms equal the unfused path's through Megatron-LM's schedule and optimizer;
 - the save converts to HF (wit-convert-megatron-to-hf) and wit-verify-conversion passes on it;
 - without `--calculate-per-token-loss` the launch stops with the reason, not a traceback; WIT's forward
   step refuses too (a launch whose arguments bypass the parser's check), and the dataset provider
@@ -68,7 +70,8 @@ def tensorboard_scalars(directory) -> dict[str, dict[int, float]]:
 @pytest.fixture(scope="module")
 def runs(training_data):
     """Two launches of the example on 4 ranks, --finetune from the converted checkpoint (saves iteration 2
-    and stops) and the resume from that save (iterations 3-4), then pretrain_wit.py on the same options;
+    and stops) and the resume from that save (iterations 3-4, chunked output layer), then pretrain_wit.py
+    on the same options (unfused);
     then the last save converted to HF and verified with the converter's command-line tools."""
     tmp, save = training_data["tmp"] / "megatron-lm", training_data["tmp"] / "megatron-lm" / "run"
     launches = [
@@ -76,7 +79,8 @@ def runs(training_data):
                          "--save", str(save), "--save-interval", "2", "--exit-interval", "2",
                          "--tensorboard-dir", str(tmp / "tb-first")),
         megatron_lm_argv(training_data, "--calculate-per-token-loss", "--load", str(save), "--save", str(save),
-                         "--save-interval", "2", "--tensorboard-dir", str(tmp / "tb-resumed")),
+                         "--save-interval", "2", "--tensorboard-dir", str(tmp / "tb-resumed"),
+                         "--wit-loss-impl", "chunked", "--wit-loss-chunk-size", "64"),
     ]
     wit_argv = ["--load", str(training_data["tiny"]), "--data-path", training_data["he"], "--tp", "2", "--pp", "2",
                 "--data-cache-path", str(training_data["tmp"] / "cache"), "--log-interval", "1", *SAME_RUN]
@@ -146,14 +150,15 @@ def test_a_launch_without_per_token_loss_stops_with_the_reason(training_data):
 
 def test_wit_refuses_a_launch_that_bypassed_the_parser_or_has_too_few_embedding_rows(training_data):
     """Arguments that did not come through add_wit_args' parser (e.g. a YAML config): WIT's forward step
-    stops at the first micro-batch, with the same reason. Data tokenized with more ids than the model's
+    stops at the first micro-batch, with the same reason. A chunk size of 0 is refused by the check the
+    parser runs. Data tokenized with more ids than the model's
     padded vocabulary: the dataset provider stops before building anything."""
     import argparse
 
     from megatron.training import global_vars
 
-    from wit_megatron.integrations.megatron_lm import (PER_TOKEN_LOSS_REQUIRED, WITArgumentError, forward_step,
-                                                       train_valid_test_datasets_provider)
+    from wit_megatron.integrations.megatron_lm import (PER_TOKEN_LOSS_REQUIRED, WITArgumentError, check_wit_args,
+                                                       forward_step, train_valid_test_datasets_provider)
 
     data_args = dict(data_path=[training_data["he"]], data_args_path=None, train_data_path=None, valid_data_path=None,
                      test_data_path=None, per_split_data_args_path=None)
@@ -162,6 +167,11 @@ def test_wit_refuses_a_launch_that_bypassed_the_parser_or_has_too_few_embedding_
         with pytest.raises(WITArgumentError) as refused:
             forward_step(iter([]), None)
         assert str(refused.value) == PER_TOKEN_LOSS_REQUIRED
+        chunk_size_zero = argparse.Namespace(calculate_per_token_loss=True, lambda_prompt=0.2, lambda_response=0.8,
+                                             lambda_system=None, lambda_user=None, lambda_tool=None, mock_data=False,
+                                             wit_loss_impl="chunked", wit_loss_chunk_size=0, **data_args)
+        with pytest.raises(WITArgumentError, match="chunk_size must be >= 1 token, got 0"):
+            check_wit_args(chunk_size_zero)
         global_vars.set_args(argparse.Namespace(padded_vocab_size=49151, **data_args))
         with pytest.raises(WITArgumentError, match="vocabulary of 49152 ids, but the model has 49151 embedding rows"):
             train_valid_test_datasets_provider([8, 0, 0])

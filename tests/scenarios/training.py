@@ -52,8 +52,8 @@ def runs(jobs: list[dict]) -> list[dict]:
             "params": params, "logits": logits,
             "last_stage": ps.is_pipeline_last_stage(ignore_virtual=True),
         })
-        # The run's model and optimizer sit in reference cycles (megatron-core's DDP hooks): free them now,
-        # not when the collector next runs, so that the next job does not start with this one's memory.
+        # The run's model and optimizer sit in reference cycles: free them now, not when the collector next
+        # runs, so that the next job does not start with this one's memory.
         del result, params, logits
         gc.collect()
     return results

@@ -2,12 +2,13 @@
 `pretrain_gpt.py` (examples/megatron_lm/pretrain_gpt_wit.py shows the whole script; docs/megatron_lm.md
 the lines that change).
 
-    add_wit_args                        extra_args_provider: λ per role, packing; refuses a launch
+    add_wit_args                        extra_args_provider: λ per role, packing, output layer; refuses a launch
                                         without --calculate-per-token-loss or WIT data at parse time
     train_valid_test_datasets_provider  WITDataset through megatron-core's BlendedMegatronDatasetBuilder,
                                         from Megatron-LM's --data-path/--split/--train-data-path/...,
                                         --seq-length, --seed, --data-cache-path
-    forward_step                        WIT's forward step (training.step), loss in the per-token form
+    forward_step                        WIT's forward step (training.step), loss in the per-token form,
+                                        output layer as --wit-loss-impl says (unfused or chunked)
     carry_record                        the converter's record into --save, so the run's saves export to HF
 
 Everything else is Megatron-LM's: the model (as pretrain_gpt.py builds GPT), parallelism, optimizer,
@@ -29,7 +30,7 @@ from pathlib import Path
 import torch
 
 from wit_megatron.training import step
-from wit_megatron.training.arguments import add_wit_arguments, role_weights
+from wit_megatron.training.arguments import add_output_loss_arguments, add_wit_arguments, output_loss, role_weights
 
 PER_TOKEN_LOSS_REQUIRED = (
     "WIT needs --calculate-per-token-loss: its loss is Σ w·NLL / N with N counted over the whole global batch "
@@ -47,10 +48,11 @@ class WITArgumentError(ValueError):
 
 def add_wit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron-LM's `extra_args_provider`: adds --lambda-prompt, --lambda-response, --lambda-system/-user/
-    -tool and --no-packing (as examples/pretrain_wit.py has them), and makes the parser refuse what
+    -tool, --no-packing, --wit-loss-impl and --wit-loss-chunk-size (as examples/pretrain_wit.py has them), and makes the parser refuse what
     `check_wit_args` refuses: "PROG: error: MESSAGE" and exit status 2 on every rank, before any
     process group exists (without Megatron-LM's usage text, several hundred lines that would bury it)."""
     add_wit_arguments(parser)
+    add_output_loss_arguments(parser)
     parse_known_args = parser.parse_known_args  # what parse_args calls; Megatron-LM calls either
 
     def parse_and_check(args=None, namespace=None):
@@ -67,7 +69,7 @@ def add_wit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 def check_wit_args(args: argparse.Namespace) -> None:
     """Raise WITArgumentError (ValueError) for options WIT cannot train with: no
-    --calculate-per-token-loss, bad λ, no data or data not written by wit-preprocess-data."""
+    --calculate-per-token-loss, bad λ or chunk size, no data or data not written by wit-preprocess-data."""
     from megatron.training.utils import get_blend_and_blend_per_split
 
     from wit_megatron.data.loader import check_blend
@@ -76,6 +78,7 @@ def check_wit_args(args: argparse.Namespace) -> None:
         raise WITArgumentError(PER_TOKEN_LOSS_REQUIRED)
     try:
         role_weights(args)
+        output_loss(args)
         if getattr(args, "mock_data", False):
             raise ValueError("--mock-data: WIT trains on data written by wit-preprocess-data (token and role files); "
                              "give --data-path")
@@ -145,17 +148,15 @@ train_valid_test_datasets_provider.is_distributed = True
 
 def forward_step(data_iterator, model):
     """Megatron-LM's forward step: WIT's (`training.step.forward_step`: get_batch, packed-sequence
-    attention, per-token NLL, the WIT loss terms), with Megatron-LM's checks of the loss
-    (--check-for-nan-in-loss-and-grad, --check-for-spiky-loss). Refuses to run without
-    --calculate-per-token-loss."""
+    attention, per-token NLL through the output layer --wit-loss-impl names, the WIT loss terms), with
+    Megatron-LM's checks of the loss (--check-for-nan-in-loss-and-grad, --check-for-spiky-loss). Refuses
+    to run without --calculate-per-token-loss."""
     from megatron.training import get_args
 
     args = get_args()
     if not args.calculate_per_token_loss:
         raise WITArgumentError(PER_TOKEN_LOSS_REQUIRED)
-    # The one place that picks WIT's forward step for Megatron-LM launches (a variant, e.g. a chunked
-    # loss, is chosen here from `args`).
-    output, loss_func = step.forward_step(data_iterator, model)
+    output, loss_func = step.forward_step(data_iterator, model, output_loss(args))
     return output, partial(_checked_loss, loss_func, args)
 
 

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 import torch
 
-from wit_megatron.output_loss import DEFAULT_CHUNK_SIZE, LOSS_IMPLS
+from wit_megatron.output_loss import DEFAULT_CHUNK_SIZE, LOSS_IMPLS, OutputLoss
 from wit_megatron.roles import RoleWeights
 
 LAMBDA_HELP = ("WIT's per-token loss weights. Loss = Σ w·NLL / N over the global batch, w = λ of the target token's "
@@ -39,6 +39,27 @@ def add_wit_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParse
     return parser
 
 
+def add_output_loss_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--wit-loss-impl and --wit-loss-chunk-size, the same in this entry point and in a Megatron-LM launch."""
+    g = parser.add_argument_group("WIT output layer")
+    g.add_argument("--wit-loss-impl", choices=LOSS_IMPLS, default="unfused",
+                   help="the last stage's output layer and cross entropy. unfused: megatron-core's (logits of every "
+                   "position); chunked: only targets of non-zero weight, --wit-loss-chunk-size tokens at a time, logits "
+                   "recomputed in the backward pass unless they fit in one chunk (much less memory; during training "
+                   "the prompt NLL in the log covers only prompt targets of non-zero weight: none at λ_p = 0; "
+                   "validation covers all). See docs/output-loss.md")
+    g.add_argument("--wit-loss-chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
+                   help="--wit-loss-impl chunked: tokens whose logits exist at one time (float32 logits of a chunk: "
+                   "chunk x vocab / TP x 4 bytes)")
+    return parser
+
+
+def output_loss(args: argparse.Namespace) -> OutputLoss:
+    """The output layer `add_output_loss_arguments`' options pick (refuses a chunk size < 1: ValueError);
+    their defaults where `args` lacks them (a Megatron-LM launch configured without WIT's parser)."""
+    return OutputLoss(getattr(args, "wit_loss_impl", "unfused"), getattr(args, "wit_loss_chunk_size", DEFAULT_CHUNK_SIZE))
+
+
 def role_weights(args: argparse.Namespace) -> RoleWeights:
     """λ per role from `add_wit_arguments`' options (refuses λ < 0, non-finite, all zero: ValueError)."""
     return RoleWeights(args.lambda_prompt, args.lambda_response, args.lambda_system, args.lambda_user, args.lambda_tool)
@@ -54,16 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
         allow_abbrev=False,
     )
     add_wit_arguments(p)
-    g = p.add_argument_group("WIT output layer (this entry point; see docs/output-loss.md for a Megatron-LM launch)")
-    g.add_argument("--wit-loss-impl", choices=LOSS_IMPLS, default="unfused",
-                   help="the last stage's output layer and cross entropy. unfused: megatron-core's (logits of every "
-                   "position); chunked: only targets of non-zero weight, --wit-loss-chunk-size tokens at a time, logits "
-                   "recomputed in the backward pass unless they fit in one chunk (much less memory; during training "
-                   "the prompt NLL in the log covers only prompt targets of non-zero weight: none at λ_p = 0; "
-                   "validation covers all). See docs/output-loss.md")
-    g.add_argument("--wit-loss-chunk-size", type=int, default=DEFAULT_CHUNK_SIZE,
-                   help="--wit-loss-impl chunked: tokens whose logits exist at one time (float32 logits of a chunk: "
-                   "chunk x vocab / TP x 4 bytes)")
+    add_output_loss_arguments(p)
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", "--tp", dest="tp", type=int, default=1)

@@ -19,10 +19,9 @@ import torch
 from wit_megatron import checkpoint
 from wit_megatron.data.loader import DataConfig, PaddedDataset, agreed_length, build_datasets, micro_batches, padded_length
 from wit_megatron.model import build_model, preferred_layer_spec, transformer_config
-from wit_megatron.output_loss import OutputLoss
 from wit_megatron.runtime import kernels
 from wit_megatron.runtime.parallel import init_distributed, init_model_parallel
-from wit_megatron.training.arguments import TINY_FAMILY
+from wit_megatron.training.arguments import TINY_FAMILY, output_loss
 from wit_megatron.training.log import Interval, Logger
 from wit_megatron.training.signals import StopRequests
 from wit_megatron.training.step import (build_optimizer, build_scheduler, forward_backward, forward_step_for, optimizer_config,
@@ -61,7 +60,7 @@ def pretrain(args: argparse.Namespace, forward_step_func=None) -> RunResult:
     from megatron.core import parallel_state as ps
 
     if forward_step_func is None:
-        forward_step_func = forward_step_for(OutputLoss(args.wit_loss_impl, args.wit_loss_chunk_size))
+        forward_step_func = forward_step_for(output_loss(args))
 
     init_distributed()
     init_model_parallel(args.layout, seed=args.seed)
