@@ -118,7 +118,8 @@ def _reset_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := VmRSS (Linux >= 4.0)
 
 
-def measure(batches: dict, tokens: int, chunk_sizes: list[int], rounds: int, cce: bool, vocab: int, hidden_size: int) -> dict:
+def measure(batches: dict, tokens: int, chunk_sizes: list[int], rounds: int, cce: bool, vocab: int, hidden_size: int,
+            threads: int) -> dict:
     import torch
     from megatron.core import ModelParallelConfig, tensor_parallel
 
@@ -128,7 +129,7 @@ def measure(batches: dict, tokens: int, chunk_sizes: list[int], rounds: int, cce
 
     libc = ctypes.CDLL("libc.so.6")
     libc.mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: fixed, so freed tensors go back to the system at once
-    torch.set_num_threads(torch.get_num_threads())
+    torch.set_num_threads(threads)  # the launcher gives each rank one thread; this one rank gets the machine's
     init_model_parallel(ParallelLayout())
     gen = torch.Generator().manual_seed(0)
     weight = torch.empty(vocab, hidden_size).normal_(0, 0.02, generator=gen).requires_grad_()
@@ -185,7 +186,7 @@ def measure(batches: dict, tokens: int, chunk_sizes: list[int], rounds: int, cce
             r["seconds"].append(seconds)
             r["peak MiB"] = max(r["peak MiB"], (peak - before) / 1024)
     weight.grad = hidden.grad = None
-    return {"results": results, "weight grad MiB": weight_grad_mib}
+    return {"results": results, "weight grad MiB": weight_grad_mib, "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -220,13 +221,14 @@ def main() -> None:
         fractions[name] = (response_fraction(records), float((table[roles] != 0).float().mean()))
     began = time.perf_counter()
     out = run_distributed("bench.bench_output_loss:measure", 1, timeout_s=3600, batches=batches, tokens=args.tokens,
-                          chunk_sizes=args.chunk_sizes, rounds=args.rounds, cce=cce, vocab=args.vocab, hidden_size=args.hidden)[0]
+                          chunk_sizes=args.chunk_sizes, rounds=args.rounds, cce=cce, vocab=args.vocab, hidden_size=args.hidden,
+                          threads=torch.get_num_threads())[0]
     wall = time.perf_counter() - began
     results, grad_mib = out["results"], out["weight grad MiB"]
 
     print(f"\nloss step, forward + backward: vocab {args.vocab:,}, hidden {args.hidden}, {args.tokens} tokens, tp1, float32, "
           f"λ = ({args.lambda_prompt}, {args.lambda_response}), "
-          f"torch {torch.__version__}, {torch.get_num_threads()} threads; {wall:.0f} s")
+          f"torch {torch.__version__}, {out['threads']} threads; {wall:.0f} s")
     for name, (corpus, batch) in fractions.items():
         print(f"  {name}: response fraction {corpus:.3f} of the corpus's targets (Llama-3 tokenizer), "
               f"{batch:.3f} of this micro-batch's targets have non-zero weight")
