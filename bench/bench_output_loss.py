@@ -1,7 +1,7 @@
 """Peak memory and time of the loss step (output layer + cross entropy + WIT weighting, forward and
 backward) at Llama-3's vocabulary (128,256) and hidden size 4096, on CPU, tp1:
 
-    python bench/bench_output_loss.py [--tokens 256] [--chunk-sizes 16 128] [--rounds 2]
+    python bench/bench_output_loss.py [--tokens 1024] [--chunk-sizes 64 1024] [--rounds 2]
 
     unfused   megatron-core's output layer (ColumnParallelLinear) and vocab_parallel_cross_entropy on
               every position, then wit_loss: what `--wit-loss-impl unfused` runs
@@ -24,11 +24,11 @@ into the parameter's main_grad; the "beyond the weight gradient" column leaves i
 median over --rounds rounds, each running every case once in turn (drift hits all alike).
 
 Two chunk sizes, because this CPU cannot run a production-sized micro-batch at this vocabulary in
-minutes. Memory: the transient logits scale with chunk / tokens, and 16 of 256 is the ratio of the
+minutes. Memory: the transient logits scale with chunk / tokens, and 64 of 1024 is the ratio of the
 default chunk (1024) at 16k tokens per micro-batch. Time: every chunk streams the whole 2 GiB weight
-(and, backward, its gradient) through the CPU's memory, so a 16-row matmul is bandwidth-bound here
-(about 1/6 of a 256-row matmul's per-token throughput on this 2-core machine), while 128 rows (one
-chunk at these selections) runs at full speed; on GPUs the default 1024-token chunk is compute-bound.
+(and, backward, its gradient) through the CPU's memory, so a 64-row matmul is bandwidth-bound here,
+while the default chunk of 1024 (one chunk at these selections, its softmax kept) runs at full speed;
+on GPUs the default 1024-token chunk is compute-bound.
 """
 
 from __future__ import annotations
@@ -191,9 +191,9 @@ def measure(batches: dict, tokens: int, chunk_sizes: list[int], rounds: int, cce
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tokens", type=int, default=256, help="targets in the micro-batch (default 256)")
-    p.add_argument("--chunk-sizes", type=int, nargs="+", default=[16, 128],
-                   help="chunked: tokens per chunk, one row each (default 16 128: see the module docstring)")
+    p.add_argument("--tokens", type=int, default=1024, help="targets in the micro-batch (default 1024)")
+    p.add_argument("--chunk-sizes", type=int, nargs="+", default=[64, 1024],
+                   help="chunked: tokens per chunk, one row each (default 64 1024: see the module docstring)")
     p.add_argument("--rounds", type=int, default=2, help="timed rounds; the median is reported (default 2)")
     p.add_argument("--lambda-prompt", type=float, default=0.0, help="λ_p (default 0: the conventional setting)")
     p.add_argument("--lambda-response", type=float, default=1.0)
