@@ -12,6 +12,7 @@ import math
 import pytest
 import torch
 
+from wit_megatron.layers.softcap import final_logit_softcap
 from wit_megatron.output_loss import OutputLoss, vocab_parallel_nll
 from wit_megatron.runtime.launch import run_distributed
 
@@ -123,18 +124,23 @@ def test_sequence_parallel_against_megatron_column_parallel_linear(results, tp):
                                        msg=f"tp{tp} rank {rank} {key}")
 
 
+@pytest.mark.parametrize("softcap", [None, 3.0])  # 3.0: most logits (std 4) in tanh's bend
 @pytest.mark.parametrize("chunk_size", [1, 4, 37, 100])
-def test_chunks_against_log_softmax_in_float64(chunk_size):
-    """One process: NLL and gradients of the chunked function against autograd through log_softmax."""
+def test_chunks_against_log_softmax_in_float64(chunk_size, softcap):
+    """One process: NLL and gradients of the chunked function against autograd through log_softmax (and
+    through cap·tanh(logit / cap) with Gemma-2's final-logit soft-capping). Shown failing once: without
+    the tanh derivative the soft-capped gradients are off by 1.3 (input) and 1.6 (weight) times their
+    largest entry."""
     gen = torch.Generator().manual_seed(3)
     hidden = torch.randn(37, 16, generator=gen, requires_grad=True)
     weight = torch.randn(50, 16, generator=gen, requires_grad=True)
     labels = torch.randint(0, 50, (37,), generator=gen)
     upstream = torch.rand(37, generator=gen)
-    nll = vocab_parallel_nll(hidden, weight, labels, chunk_size)
+    nll = vocab_parallel_nll(hidden, weight, labels, chunk_size, softcap=softcap)
     grads = torch.autograd.grad((nll * upstream).sum(), (hidden, weight))
     h, w = hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
-    expected = -torch.log_softmax(h @ w.t(), dim=-1).gather(1, labels[:, None]).squeeze(1)
+    logits = h @ w.t() if softcap is None else softcap * torch.tanh(h @ w.t() / softcap)
+    expected = -torch.log_softmax(logits, dim=-1).gather(1, labels[:, None]).squeeze(1)
     expected_grads = torch.autograd.grad((expected * upstream.double()).sum(), (h, w))
     torch.testing.assert_close(nll.double(), expected.detach(), rtol=1e-6, atol=1e-6)
     for got, want in zip(grads, expected_grads):
@@ -158,8 +164,9 @@ def test_bad_options_are_refused():
         vocab_parallel_nll(torch.randn(3, 4), torch.randn(5, 4, dtype=torch.bfloat16), torch.zeros(3, dtype=torch.long), 2)
 
 
+@pytest.mark.parametrize("softcap", [None, 1.0])
 @pytest.mark.parametrize("chunk_size", [8, 64])  # 9 vocabulary blocks; one chunk (its softmax kept)
-def test_bf16_as_accurate_as_the_unfused_form(chunk_size):
+def test_bf16_as_accurate_as_the_unfused_form(chunk_size, softcap):
     """bf16 (the vocabulary-block backward pass): NLL and gradients no further from float64 than the unfused
     form (bf16 logits, float32 cross entropy, bf16 matmul gradients). Shown failing once: summing the input
     gradient over the 9 blocks in bf16 instead of float32 gives 5.7e-3 against the unfused form's 2.6e-3."""
@@ -173,12 +180,13 @@ def test_bf16_as_accurate_as_the_unfused_form(chunk_size):
         nll = fn(h, w)
         return nll.double(), [g.double() for g in torch.autograd.grad((nll * upstream.to(nll.dtype)).sum(), (h, w))]
 
-    def unfused(h, w):
-        return -torch.log_softmax(torch.nn.functional.linear(h, w).float(), -1).gather(1, labels[:, None]).squeeze(1)
+    def unfused(h, w):  # the model's output layer (soft-capped as ExtendedGPTModel's) and cross entropy
+        logits = final_logit_softcap(torch.nn.functional.linear(h, w), softcap)
+        return -torch.log_softmax(logits.float(), -1).gather(1, labels[:, None]).squeeze(1)
 
     exact = nll_and_grads(unfused, hidden.detach().double().requires_grad_(), weight.detach().double().requires_grad_())
     megatron = nll_and_grads(unfused, hidden, weight)
-    chunked = nll_and_grads(lambda h, w: vocab_parallel_nll(h, w, labels, chunk_size), hidden, weight)
+    chunked = nll_and_grads(lambda h, w: vocab_parallel_nll(h, w, labels, chunk_size, softcap=softcap), hidden, weight)
     errors = [[(got - want).abs().max().item() for got, want in zip([r[0], *r[1]], [exact[0], *exact[1]])]
               for r in (megatron, chunked)]
     for name, bf16, ours in zip(("nll", "hidden grad", "weight grad"), *errors):

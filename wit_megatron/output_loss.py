@@ -34,6 +34,8 @@ from typing import Literal, Optional
 import torch
 import torch.nn.functional as F
 
+from wit_megatron.layers.softcap import final_logit_softcap
+
 LossImpl = Literal["unfused", "chunked"]
 LOSS_IMPLS: tuple[str, ...] = ("unfused", "chunked")
 # Tokens per chunk. At Llama-3's vocabulary (128,256) and TP 1 a chunk's float32 logits are 0.5 GiB.
@@ -74,7 +76,7 @@ class _ChunkedVocabParallelNLL(torch.autograd.Function):
     `hidden` is this rank's partial sum over its vocabulary rows: the caller reduces it over TP."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, chunk_size: int, tp_group, for_backward: bool):
+    def forward(ctx, hidden, weight, labels, chunk_size: int, tp_group, for_backward: bool, cap: Optional[float]):
         n, v = hidden.shape[0], weight.shape[0]
         rank, size = _rank_and_size(tp_group)
         local = labels - rank * v
@@ -85,7 +87,7 @@ class _ChunkedVocabParallelNLL(torch.autograd.Function):
         for start in range(0, n, chunk_size):  # n is the same on every TP rank: their batches are broadcast copies
             rows = slice(start, start + chunk_size)
             # megatron-core's steps and collectives (VocabParallelCrossEntropy), on one chunk's logits.
-            logits = F.linear(hidden[rows], weight).float()  # the weight's dtype, then float32
+            logits = _logits(hidden[rows], weight, cap)
             chunk_max = logits.max(dim=-1).values
             if size > 1:
                 torch.distributed.all_reduce(chunk_max, op=torch.distributed.ReduceOp.MAX, group=tp_group)
@@ -97,10 +99,12 @@ class _ChunkedVocabParallelNLL(torch.autograd.Function):
             maxes[rows], sums[rows] = chunk_max, target_and_sum[1]
             nll[rows] = torch.log(target_and_sum[1]) - target_and_sum[0]  # log Σ exp(l - max) - (l_target - max)
         # All targets in one chunk: its softmax is the one chunk of logits the backward pass would hold anyway,
-        # so it is kept rather than recomputed. Otherwise the backward pass recomputes the logits.
-        ctx.softmax = logits.div_(sums[:, None]) if for_backward and 0 < n <= chunk_size else None
+        # so it is kept rather than recomputed. Otherwise the backward pass recomputes the logits (always
+        # under soft-capping, whose gradient needs the logits before the cap too).
+        keep = for_backward and 0 < n <= chunk_size and cap is None
+        ctx.softmax = logits.div_(sums[:, None]) if keep else None
         ctx.save_for_backward(hidden, weight, local, in_shard, maxes, sums)
-        ctx.chunk_size = chunk_size
+        ctx.chunk_size, ctx.cap = chunk_size, cap
         return nll
 
     @staticmethod
@@ -109,17 +113,32 @@ class _ChunkedVocabParallelNLL(torch.autograd.Function):
         softmax, ctx.softmax = ctx.softmax, None
         if softmax is not None:
             grad_logits = _softmax_to_grad(softmax, weight, 0, local, in_shard, grad_nll.float())
-            return torch.mm(grad_logits, weight), torch.mm(grad_logits.t(), hidden), None, None, None, None
+            return torch.mm(grad_logits, weight), torch.mm(grad_logits.t(), hidden), None, None, None, None, None
         backward = _backward_in_token_chunks if weight.dtype == torch.float32 else _backward_in_vocab_blocks
-        grad_hidden, grad_weight = backward(hidden, weight, local, in_shard, maxes, sums, grad_nll.float(), ctx.chunk_size)
-        return grad_hidden, grad_weight, None, None, None, None
+        grad_hidden, grad_weight = backward(hidden, weight, local, in_shard, maxes, sums, grad_nll.float(), ctx.chunk_size,
+                                            ctx.cap)
+        return grad_hidden, grad_weight, None, None, None, None, None
 
 
-def _grad_logits(hidden, weight, vocab_start: int, local, in_shard, maxes, sums, grad_nll) -> torch.Tensor:
+def _logits(hidden, weight, cap: Optional[float]) -> torch.Tensor:
+    """Float32 logits hidden @ weightᵀ as the model's output layer gives them to the cross entropy: in the
+    weight's dtype, soft-capped where the model caps them (Gemma-2), then float32."""
+    return final_logit_softcap(F.linear(hidden, weight), cap).float()
+
+
+def _grad_logits(hidden, weight, vocab_start: int, local, in_shard, maxes, sums, grad_nll, cap: Optional[float]) -> torch.Tensor:
     """(softmax - one-hot target) · grad of the logits hidden @ weightᵀ (weight: rows from vocab_start of
-    this rank's shard), in the weight's dtype, computed as megatron-core's cross entropy computes it."""
-    softmax = F.linear(hidden, weight).float().sub_(maxes[:, None]).exp_().div_(sums[:, None])
-    return _softmax_to_grad(softmax, weight, vocab_start, local, in_shard, grad_nll)
+    this rank's shard), in the weight's dtype, computed as megatron-core's cross entropy computes it; under
+    soft-capping, times the cap's derivative 1 - tanh²(logit / cap) as autograd applies it."""
+    if cap is None:
+        softmax = _logits(hidden, weight, None).sub_(maxes[:, None]).exp_().div_(sums[:, None])
+        return _softmax_to_grad(softmax, weight, vocab_start, local, in_shard, grad_nll)
+    raw = F.linear(hidden, weight)
+    softmax = final_logit_softcap(raw, cap).float().sub_(maxes[:, None]).exp_().div_(sums[:, None])
+    grad_capped = _softmax_to_grad(softmax, weight, vocab_start, local, in_shard, grad_nll)
+    del softmax
+    slope = torch.tanh(raw.float().div_(cap)).square_().neg_().add_(1)
+    return slope.mul_(grad_capped.float()).to(weight.dtype)
 
 
 def _softmax_to_grad(softmax, weight, vocab_start: int, local, in_shard, grad_nll) -> torch.Tensor:
@@ -130,7 +149,7 @@ def _softmax_to_grad(softmax, weight, vocab_start: int, local, in_shard, grad_nl
     return softmax.mul_(grad_nll[:, None]).to(weight.dtype)
 
 
-def _backward_in_token_chunks(hidden, weight, local, in_shard, maxes, sums, grad_nll, chunk_size: int):
+def _backward_in_token_chunks(hidden, weight, local, in_shard, maxes, sums, grad_nll, chunk_size: int, cap):
     """float32: each chunk's input gradient in one matmul over the whole vocabulary shard, as Megatron's;
     the weight gradient summed over the chunks in place."""
     grad_hidden, grad_weight = torch.empty_like(hidden), torch.empty_like(weight)
@@ -139,7 +158,7 @@ def _backward_in_token_chunks(hidden, weight, local, in_shard, maxes, sums, grad
     for start in range(0, hidden.shape[0], chunk_size):
         rows = slice(start, start + chunk_size)
         grad_logits = _grad_logits(hidden[rows], weight, 0, local[rows], in_shard[rows], maxes[rows], sums[rows],
-                                   grad_nll[rows])
+                                   grad_nll[rows], cap)
         torch.mm(grad_logits, weight, out=grad_hidden[rows])
         if start == 0:  # written, not added to zeros: the weight gradient is as large as the weight
             torch.mm(grad_logits.t(), hidden[rows], out=grad_weight)
@@ -149,7 +168,7 @@ def _backward_in_token_chunks(hidden, weight, local, in_shard, maxes, sums, grad
     return grad_hidden, grad_weight
 
 
-def _backward_in_vocab_blocks(hidden, weight, local, in_shard, maxes, sums, grad_nll, chunk_size: int):
+def _backward_in_vocab_blocks(hidden, weight, local, in_shard, maxes, sums, grad_nll, chunk_size: int, cap):
     """bf16/fp16: summing the weight gradient over token chunks would need a float32 copy of it (4 bytes x
     vocab/TP x hidden). Blocks of the vocabulary rows instead, with as many logits as a chunk: each block's
     weight gradient is one matmul over all tokens (one rounding, as Megatron's), and only the input
@@ -160,7 +179,7 @@ def _backward_in_vocab_blocks(hidden, weight, local, in_shard, maxes, sums, grad
     grad_hidden = torch.zeros(hidden.shape, dtype=torch.float32, device=hidden.device)
     for start in range(0, v, block):
         w = weight[start:start + block]
-        grad_logits = _grad_logits(hidden, w, start, local, in_shard, maxes, sums, grad_nll)
+        grad_logits = _grad_logits(hidden, w, start, local, in_shard, maxes, sums, grad_nll, cap)
         torch.mm(grad_logits.t(), hidden, out=grad_weight[start:start + block])
         grad_hidden += torch.mm(grad_logits, w)
         del grad_logits
@@ -174,10 +193,11 @@ def _rank_and_size(group) -> tuple[int, int]:
 
 
 def vocab_parallel_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk_size: int,
-                       tp_group=None) -> torch.Tensor:
-    """Float32 NLL [n] of `labels` [n] (vocabulary ids) under logits hidden [n, h] @ weight [vocab/TP, h]ᵀ,
-    computed `chunk_size` tokens at a time. `hidden` must be identical on the TP ranks and its gradient
-    reduced over them by the caller (see `output_layer_nll`)."""
+                       tp_group=None, softcap: Optional[float] = None) -> torch.Tensor:
+    """Float32 NLL [n] of `labels` [n] (vocabulary ids) under logits hidden [n, h] @ weight [vocab/TP, h]ᵀ
+    (soft-capped as cap·tanh(logit / cap) with `softcap`, the model's final_logit_softcapping), computed
+    `chunk_size` tokens at a time. `hidden` must be identical on the TP ranks and its gradient reduced over
+    them by the caller (see `output_layer_nll`)."""
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     if hidden.dim() != 2 or weight.dim() != 2 or hidden.shape[1] != weight.shape[1]:
@@ -187,11 +207,12 @@ def vocab_parallel_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden is {hidden.dtype} but the output weight is {weight.dtype}: the output layer needs one dtype")
     for_backward = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
-    return _ChunkedVocabParallelNLL.apply(hidden, weight, labels, chunk_size, tp_group, for_backward)
+    return _ChunkedVocabParallelNLL.apply(hidden, weight, labels, chunk_size, tp_group, for_backward, softcap)
 
 
 def output_layer_nll(hidden_states: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, select: torch.Tensor,
-                     chunk_size: int, sequence_parallel: bool = False, tp_group=None) -> torch.Tensor:
+                     chunk_size: int, sequence_parallel: bool = False, tp_group=None,
+                     softcap: Optional[float] = None) -> torch.Tensor:
     """The output layer and cross entropy of the targets in `select`, in chunks.
 
     Args:
@@ -199,6 +220,7 @@ def output_layer_nll(hidden_states: torch.Tensor, weight: torch.Tensor, labels: 
             sequence parallelism.
         weight: [vocab/TP, h] this rank's output weight (the embedding's when tied on one stage).
         labels, select: [b, s] target ids, and the targets to compute (`targets_to_compute`).
+        softcap: the model's final-logit soft-capping (Gemma-2), None without.
     Returns float32 NLL [b, s]: the targets in `select`, 0 elsewhere.
     """
     from megatron.core import tensor_parallel
@@ -216,7 +238,7 @@ def output_layer_nll(hidden_states: torch.Tensor, weight: torch.Tensor, labels: 
         raise ValueError(f"hidden states {tuple(hidden_states.shape)} ([s, b, h]) do not match labels {tuple(labels.shape)} ([b, s])")
     index = select.t().reshape(-1).nonzero().squeeze(1)  # [s, b] order, as the hidden states
     nll = vocab_parallel_nll(hidden_states.reshape(s * b, h).index_select(0, index), weight,
-                             labels.t().reshape(-1).index_select(0, index), chunk_size, tp_group)
+                             labels.t().reshape(-1).index_select(0, index), chunk_size, tp_group, softcap)
     # Scattered back into [b, s]; every other position gets 0 and no gradient.
     out = torch.zeros(s * b, dtype=nll.dtype, device=nll.device).index_put((index,), nll)
     return out.view(s, b).t()
@@ -243,7 +265,8 @@ def chunked_model_forward(model: torch.nn.Module, tokens, position_ids, attentio
     def processor(*, hidden_states, output_layer, output_weight, labels, **_):
         weight = output_weight if output_weight is not None else output_layer.weight
         return output_layer_nll(hidden_states, weight, labels, select, chunk_size,
-                                sequence_parallel=output_layer.sequence_parallel, tp_group=output_layer.tp_group)
+                                sequence_parallel=output_layer.sequence_parallel, tp_group=output_layer.tp_group,
+                                softcap=getattr(inner.config, "final_logit_softcapping", None))
 
     return compat.gpt_forward_with_output_processor(model, processor, tokens, position_ids, attention_mask, labels=labels,
                                                     packed_seq_params=packed_seq_params)

@@ -310,10 +310,6 @@ def check_args(args: argparse.Namespace, world_size: int) -> None:
     if args.arch.kv_replicas > 1 and args.use_distributed_optimizer:
         raise ValueError("--use-distributed-optimizer with a checkpoint holding KV-head copies (--kv-replicas) is not "
                          "supported: the copies' gradients are summed on whole gradients, which it shards")
-    if args.wit_loss_impl == "chunked" and args.arch.final_logit_softcapping is not None:
-        raise ValueError(f"--wit-loss-impl chunked: this model soft-caps its logits (final_logit_softcapping "
-                         f"{args.arch.final_logit_softcapping}, Gemma-2), which the chunked output layer does not apply; "
-                         f"use --wit-loss-impl unfused")
     if args.arch.kv_replicas > 1 and args.fp16:
         raise ValueError("--fp16 with KV-head copies (--kv-replicas) is not supported: their gradient step needs unscaled "
                          "gradients; use --bf16")
