@@ -14,8 +14,10 @@ pass instead (the same memory, one matmul less).
 Numerics follow megatron-core's `vocab_parallel_cross_entropy` step by step, on one chunk at a time:
 logits in the weight's dtype, then float32; the max over the TP group (all-reduce MAX), then the target
 logit and Σ exp(logit - max) (one all-reduce SUM of both, of chunk-size floats); NLL = log Σ - (target
-- max); softmax = exp(logit - max) / Σ in the backward pass, from the max and Σ kept per token. The input
-gradient of every TP rank is its partial sum, reduced as megatron-core's ColumnParallelLinear reduces
+- max); softmax = exp(logit - max) / Σ in the backward pass, from the max and Σ kept per token. A model
+with final-logit soft-capping (Gemma-2) has its logits capped by the model's own function
+(`layers.softcap.final_logit_softcap`) before all this, and the cap's derivative in the backward pass.
+The input gradient of every TP rank is its partial sum, reduced as megatron-core's ColumnParallelLinear reduces
 it (all-reduce; reduce-scatter under sequence parallelism). The weight gradient goes through autograd
 into the weight itself: the output layer's on the last stage, which `finalize_model_grads` all-reduces
 with the first stage's embedding when they are tied.
@@ -126,7 +128,8 @@ def _logits(hidden, weight, cap: Optional[float]) -> torch.Tensor:
     return final_logit_softcap(F.linear(hidden, weight), cap).float()
 
 
-def _grad_logits(hidden, weight, vocab_start: int, local, in_shard, maxes, sums, grad_nll, cap: Optional[float]) -> torch.Tensor:
+def _grad_logits(hidden, weight, vocab_start: int, local, in_shard, maxes, sums, grad_nll,
+                 cap: Optional[float]) -> torch.Tensor:
     """(softmax - one-hot target) · grad of the logits hidden @ weightᵀ (weight: rows from vocab_start of
     this rank's shard), in the weight's dtype, computed as megatron-core's cross entropy computes it; under
     soft-capping, times the cap's derivative 1 - tanh²(logit / cap) as autograd applies it."""

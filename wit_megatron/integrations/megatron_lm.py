@@ -48,9 +48,10 @@ class WITArgumentError(ValueError):
 
 def add_wit_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Megatron-LM's `extra_args_provider`: adds --lambda-prompt, --lambda-response, --lambda-system/-user/
-    -tool, --no-packing, --wit-loss-impl and --wit-loss-chunk-size (as examples/pretrain_wit.py has them), and makes the parser refuse what
-    `check_wit_args` refuses: "PROG: error: MESSAGE" and exit status 2 on every rank, before any
-    process group exists (without Megatron-LM's usage text, several hundred lines that would bury it)."""
+    -tool, --no-packing, --wit-loss-impl and --wit-loss-chunk-size (as examples/pretrain_wit.py has them),
+    and makes the parser refuse what `check_wit_args` refuses: "PROG: error: MESSAGE" and exit status 2 on
+    every rank, before any process group exists (without Megatron-LM's usage text, several hundred lines
+    that would bury it)."""
     add_wit_arguments(parser)
     add_output_loss_arguments(parser)
     parse_known_args = parser.parse_known_args  # what parse_args calls; Megatron-LM calls either
