@@ -9,9 +9,10 @@
         --micro-batch-size 1 --global-batch-size 64 --train-iters 1000 --lr 2e-5 --lr-decay-style cosine ...
 
 Megatron-LM's own script, option for option, with three things of WIT's (docs/megatron_lm.md lists the
-changed lines): the WIT options (`add_wit_args`, λ per role), WIT's dataset provider (WITDataset from
-the --data-path that wit-preprocess-data wrote) and WIT's forward step (the loss in the per-token form;
-`--calculate-per-token-loss` is required). The model is built as pretrain_gpt.py builds GPT, from
+changed lines): the WIT options (`add_wit_args`, λ per role, the output layer), WIT's dataset provider
+(WITDataset from the --data-path that wit-preprocess-data wrote) and WIT's forward step (the loss in the
+per-token form, `--calculate-per-token-loss` required; `--wit-loss-impl chunked` for the lean output
+layer of docs/output-loss.md). The model is built as pretrain_gpt.py builds GPT, from
 Megatron-LM's arguments (the converter's megatron_lm_flags.txt). `carry_record` puts the converter's
 record into --save so the run's saves convert back with wit-convert-megatron-to-hf.
 
