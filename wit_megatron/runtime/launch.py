@@ -54,12 +54,33 @@ def run_distributed(target: str, world_size: int, timeout_s: float = 900, **kwar
             raise
         errors = sorted(workdir.glob("rank*.err"))
         if proc.returncode != 0 or errors:
-            detail = "\n".join(f"--- {p.name}\n{p.read_text()}" for p in errors)
+            tracebacks = {p.stem: p.read_text() for p in errors}
+            # The causes first, on the message's first line: a test report that keeps one line (pytest -ra)
+            # or cuts the middle of a long one still says what went wrong.
+            causes = "; ".join(f"{rank}: {' <- '.join(exception_lines(text))}" for rank, text in tracebacks.items())
+            detail = "\n".join(f"--- {rank}\n{text}" for rank, text in tracebacks.items())
             raise DistributedFailure(
-                f"{target} on {world_size} ranks failed (exit {proc.returncode})\n{detail}\n"
-                f"--- output (tail)\n{(out + err)[-6000:]}"
+                f"{target} on {world_size} ranks failed (exit {proc.returncode}){': ' + causes if causes else ''}\n"
+                f"{detail}\n--- output (tail)\n{(out + err)[-6000:]}"
             )
         return [torch.load(workdir / f"rank{r}.pt", weights_only=False) for r in range(world_size)]
+
+
+def exception_lines(traceback_text: str) -> list[str]:
+    """The exceptions of a formatted traceback, one line each (a multi-line message joined with " / "),
+    the last raised first, then the exceptions it was raised from or while handling."""
+    chain_notes = ("The above exception was the direct cause", "During handling of the above exception")
+    exceptions, message = [], []
+    for line in traceback_text.splitlines() + ["Traceback (most recent call last):"]:
+        if line.startswith("Traceback (most recent call last):"):
+            if message:
+                exceptions.append(" / ".join(message))
+            message = []
+        elif line.startswith(" "):  # a frame or its source line: what came before was not the message
+            message = []
+        elif line and not line.startswith(chain_notes):
+            message.append(line)
+    return exceptions[::-1]
 
 
 def _free_port() -> int:
