@@ -14,7 +14,7 @@ def test_a_failed_rank_reports_its_exceptions_on_the_first_line(tmp_path):
     first_line = str(failure.value).splitlines()[0]
     assert first_line == (
         "tests.scenarios.launch:fails_with_a_cause on 1 ranks failed (exit 1): rank0: Exception: Failed to write "
-        f"dataset materials to the data cache directory. / Please retry. <- FileNotFoundError: [Errno 2] No such file "
+        "dataset materials to the data cache directory. / Please retry. <- FileNotFoundError: [Errno 2] No such file "
         f"or directory: '{missing}'"
     )
     assert "Traceback (most recent call last):" in str(failure.value)  # the whole traceback follows
