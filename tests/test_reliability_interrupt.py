@@ -15,6 +15,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -225,3 +226,13 @@ def test_staging_of_running_or_other_hosts_processes_is_kept(tmp_path, kind):
     assert staging.remove_stale(tmp_path, "out") == []
     assert sorted(hidden(tmp_path)) == sorted([mine, other_host])
     assert os.getpid() == staging.owner(mine).pid and staging.owner(mine).running()
+
+
+def test_children_forked_by_a_tool_end_on_sigterm_whatever_they_are_blocked_in():
+    """A pool worker blocked on its queue's lock when the signal reaches another of its threads (or lands
+    just before it blocks) used to live on, and Pool.terminate() waited for it forever; the child ends by
+    SIGTERM's default action instead. A child forked after the tool's block keeps the process's handler."""
+    done = subprocess.run([sys.executable, "-m", "tests.scenarios.child_signals"], capture_output=True, text=True, cwd=ROOT,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split("\n")[:2] == [str(-signal.SIGTERM), "the_process_own"], done.stdout

@@ -7,7 +7,8 @@ writing code registered (`cleanup_on_interrupt`: remove the staging) run, the ch
 and the tool says what became of its output and exits with 128 + the signal's number. This is done in the signal handler itself rather
 than by an exception unwinding the stack: a signal can arrive anywhere, also where Python swallows
 exceptions (in at-fork callbacks while megatron-core forks its writers, in finalizers), and a pool of
-killed workers can hang the pool's own shut-down.
+killed workers can hang the pool's own shut-down. The children themselves, forked inside the block,
+take SIGTERM and SIGINT by the kernel's default action: they end at once, whatever they are blocked in.
 
 The last step of a write, moving the complete output into place, runs with the signals `deferred`: an
 output is never left half replaced, and a signal that arrived during it ends the tool right after it,
@@ -45,6 +46,7 @@ class _Run:
 
 _parent_pid: Optional[int] = None
 _registered = False
+_children_default_registered = False
 
 
 @contextlib.contextmanager
@@ -54,6 +56,10 @@ def stop_on_signals(output: Optional[str] = None) -> Iterator[None]:
     if threading.current_thread() is not threading.main_thread():
         yield
         return
+    global _children_default_registered
+    if not _children_default_registered:
+        os.register_at_fork(after_in_child=_default_signals_in_child)
+        _children_default_registered = True
     _Run.output, _Run.cleanups, _Run.complete, _Run.pending, _Run.pid = output, [], False, None, os.getpid()
     previous = {signum: signal.signal(signum, _stop) for signum in SIGNALS}
     try:
@@ -61,7 +67,18 @@ def stop_on_signals(output: Optional[str] = None) -> Iterator[None]:
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-        _Run.output, _Run.cleanups = None, []
+        _Run.output, _Run.cleanups, _Run.pid = None, [], None
+
+
+def _default_signals_in_child() -> None:
+    """In a process forked inside `stop_on_signals` (a pool worker, a checkpoint writer): SIGTERM and SIGINT
+    take the kernel's default action, ending it at once. With the tool's handler inherited, a child acts on
+    a signal only when its main thread next runs Python code; one that lands just before that thread blocks
+    in C (a pool worker taking its queue's lock) or on another of its threads is never acted on, and
+    Pool.terminate() then waits for that worker forever."""
+    if _Run.pid is not None:
+        for signum in SIGNALS:
+            signal.signal(signum, signal.SIG_DFL)
 
 
 @contextlib.contextmanager
@@ -102,9 +119,9 @@ def message(signum: int) -> str:
 
 def _stop(signum, frame) -> None:
     if os.getpid() != _Run.pid:
-        # A forked child (a pool worker, a checkpoint writer) inherits this handler and the tool's state, and
-        # gets the signal too when the whole process group does (Ctrl-C, Slurm) or from Pool.terminate():
-        # it ends without running the tool's clean-ups (they remove the tool's staging) or speaking for it.
+        # A signal that reached a forked child before `_default_signals_in_child` ran (during another
+        # at-fork callback): the child ends without running the tool's clean-ups (they remove the tool's
+        # staging) or speaking for it.
         os._exit(128 + signum)
     if _Run.deferring:
         _Run.pending = signum
