@@ -11,6 +11,7 @@ no writer or worker survives, and that the next run succeeds. The three chains r
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 H2M, M2H, PRE = "wit-convert-hf-to-megatron", "wit-convert-megatron-to-hf", "wit-preprocess-data"
 STAGING_LEFT = "as before, plus one hidden staging directory (.OUT.wit-staging-HOST-PID-START-*)"
 GONE = "; no writer or worker process outlives the tool"
+SCENARIO_TIMEOUT_S = 300  # each takes seconds; a tool still running after this hangs
 PREPROCESS_ARGS = ("--input", "{ws}/data.jsonl", "--output-prefix", "{ws}/out", "--tokenizer", "{tok}", "--workers", "2",
                    "--chunk-size", "4", "--no-progress", "--force")
 
@@ -79,10 +81,29 @@ def interrupted(point: str, signame: str, case: Case, paths: dict, tmp: Path) ->
     """(exit status, stderr, PIDs of the tool and of its writers/workers) of `case` signalled at `point`."""
     argv = [arg.format(**{key: str(value) for key, value in paths.items()}) for arg in case.argv]
     pids_file = tmp / f"pids-{point}-{signame}-{time.monotonic_ns()}"
-    done = subprocess.run([sys.executable, "-m", "tests.scenarios.interrupted", point, signame, str(pids_file), case.tool, *argv],
-                          capture_output=True, text=True, cwd=ROOT, timeout=600)
+    with subprocess.Popen([sys.executable, "-m", "tests.scenarios.interrupted", point, signame, str(pids_file), case.tool, *argv],
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT) as tool:
+        try:
+            _, stderr = tool.communicate(timeout=SCENARIO_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            hung(tool)
     pids = [int(line) for line in pids_file.read_text().split()]
-    return done.returncode, " ".join(done.stderr.split()), pids
+    return tool.returncode, " ".join(stderr.split()), pids
+
+
+def hung(tool: subprocess.Popen) -> None:
+    """Fail with the stacks of every thread of the tool and of its children (faulthandler, on SIGUSR1)."""
+    processes = [psutil.Process(tool.pid), *psutil.Process(tool.pid).children(recursive=True)]
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.send_signal(signal.SIGUSR1)
+    time.sleep(2)
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            process.kill()
+    _, stderr = tool.communicate()
+    raise AssertionError(f"{' '.join(tool.args[2:])}\nstill running after {SCENARIO_TIMEOUT_S} s; the stacks of it and "
+                         f"its children:\n{stderr[-12000:]}")
 
 
 def none_survives(pids: list[int]) -> None:

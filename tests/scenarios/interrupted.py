@@ -4,11 +4,13 @@
 
 POINT (see POINTS) is where the signal (SIGTERM or SIGKILL) is sent; PIDS_FILE gets this process's PID
 and those of the writer or worker processes alive at that moment, one per line, so that the test can
-check that none outlives it.
+check that none outlives it. SIGUSR1 writes the stack of every thread to stderr, in this process and in
+those it forks (the test sends it to a tool that hangs).
 """
 
 from __future__ import annotations
 
+import faulthandler
 import multiprocessing
 import os
 import signal
@@ -133,6 +135,7 @@ def main() -> int:
     from wit_megatron.runtime.kernels import quiet_fallback_warnings
 
     quiet_fallback_warnings()  # as the tools do, before the points import megatron-core
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     point, signame, pids_file, tool, *argv = sys.argv[1:]
     _record(pids_file, os.getpid())
     POINTS[point](getattr(signal, signame), os.getpid(), pids_file)
