@@ -301,3 +301,31 @@ def test_corrupt_sample_index_is_refused_not_written_past(humaneval_prefix, tmp_
     train.record_size = np.full_like(train.record_size, 257)
     with pytest.raises(ValueError, match="sample index corrupt"):
         train[0]
+
+
+def test_the_index_cache_is_never_seen_half_written_by_the_pickle_check(humaneval_prefix, tmp_path, monkeypatch):
+    """Rank 0 writes the cached sample indices while other ranks run check_cached_indices over the same
+    directory (it once refused, or failed to open, a temp file renamed under it): the temp files are not
+    *.npy, and the check passes over a file that is gone or still empty (a writer has just opened it),
+    while it still refuses one that is not an array."""
+    from wit_megatron.data import dataset
+
+    prefix, _ = humaneval_prefix
+    replaced, replace = [], dataset.os.replace
+
+    def checked_replace(src, dst):
+        replaced.append((src, dst))
+        dataset.check_cached_indices(str(tmp_path))  # the check as another rank runs it, mid-write
+        replace(src, dst)
+
+    monkeypatch.setattr(dataset.os, "replace", checked_replace)
+    build_datasets(config(prefix, tmp_path), [None, None, None])
+    assert len(replaced) == 5 and not [src for src, _ in replaced if src.endswith(".npy")], replaced
+    (tmp_path / "opened-by-a-writer.npy").write_bytes(b"")
+    dataset.check_cached_indices(str(tmp_path))
+    monkeypatch.setattr(dataset.Path, "glob", lambda self, pattern: [tmp_path / "renamed-meanwhile.npy"])
+    dataset.check_cached_indices(str(tmp_path))
+    monkeypatch.undo()
+    (tmp_path / "planted.npy").write_bytes(b"\x80\x04not an array")
+    with pytest.raises(ValueError, match="planted.npy: not a plain NumPy array"):
+        dataset.check_cached_indices(str(tmp_path))

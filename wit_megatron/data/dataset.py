@@ -238,8 +238,9 @@ class WITDataset(MegatronDataset):
         if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             os.makedirs(self._cache_dir(), exist_ok=True)
             for name, path in paths.items():
-                tmp = f"{path}.tmp{os.getpid()}.npy"
-                np.save(tmp, index[name])
+                tmp = f"{path}.tmp{os.getpid()}"  # not *.npy: other ranks' check_cached_indices must not see it half written
+                with open(tmp, "wb") as f:
+                    np.save(f, index[name])
                 os.replace(tmp, path)
             with open(f"{base}-description.txt", "w") as f:  # written last: marks the cache complete
                 f.write(self.unique_description)
@@ -289,9 +290,16 @@ def check_cached_indices(directory: str) -> None:
     """Refuse cached blend indices megatron-core would unpickle: its BlendedDataset loads
     `PATH_TO_CACHE/*.npy` with `numpy.load(allow_pickle=True)` (0.16; 0.19 through a restricted
     unpickler), which runs whatever a file there that is not a plain array names. The cache directory
-    is the user's (--data-cache-path), possibly shared or copied with the data."""
+    is the user's (--data-cache-path), possibly shared or copied with the data. Other ranks may be
+    writing there meanwhile: a file gone before it is read, or still empty, holds nothing to unpickle."""
     for path in sorted(Path(directory).glob("*.npy")):
-        with open(path, "rb") as f:
+        try:
+            f = open(path, "rb")
+        except FileNotFoundError:
+            continue
+        with f:
+            if os.fstat(f.fileno()).st_size == 0:
+                continue
             try:
                 version = np.lib.format.read_magic(f)
                 read_header = {(1, 0): np.lib.format.read_array_header_1_0, (2, 0): np.lib.format.read_array_header_2_0}
